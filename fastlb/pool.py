@@ -1,0 +1,194 @@
+"""The backend table: state, load figures and counters of every backend, behind one lock.
+
+Who touches it: the accept loop counts connections (``count_accept``), workers
+choose backends and report how relays ended (``choose``, ``mark_down``,
+``release``), and the health checker applies probe results (``begin_probe``,
+``apply_probe``).  All state lives in ``BackendPool`` and is guarded by its one
+lock ``_lock``; methods whose name starts with ``_locked`` must be called with
+it held.  No method does I/O, so the lock is never held across the network.
+
+Selection itself is ``choose_backend``, a plain function over data.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Iterable, Optional, Sequence
+
+from fastlb.settings import Address
+
+log = logging.getLogger("fastlb")
+
+UNKNOWN, UP, DOWN = "unknown", "up", "down"
+
+
+class Backend:
+    """One backend server and everything fastlb knows about it."""
+
+    __slots__ = (
+        "address", "index", "state", "reason", "errors", "entries", "probing",
+        "probe_started_routed", "routed", "active", "bytes_up", "bytes_down",
+        "responses", "failures", "last_change", "probe_latency",
+    )
+
+    def __init__(self, address: Address, index: int):
+        self.address = address
+        self.index = index            # command-line order, the last tie-breaker
+        self.state = UNKNOWN          # not routable until a probe answers
+        self.reason = "not probed yet"
+        self.errors = 0               # as reported by the last probe
+        self.entries = 0              # reported, plus connections routed since that probe began
+        self.probing = False
+        self.probe_started_routed = 0
+        self.routed = 0               # connections routed here, ever
+        self.active = 0               # relays in progress
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.responses = {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0, "other": 0}
+        self.failures = 0             # connects that failed and server timeouts
+        self.last_change = time.time()
+        self.probe_latency: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        return self.address.name
+
+    def __repr__(self) -> str:
+        return "<Backend %s %s entries=%d errors=%d>" % (self.name, self.state, self.entries, self.errors)
+
+
+def choose_backend(backends: Iterable[Backend], exclude: Sequence[Backend] = ()) -> Optional[Backend]:
+    """The up backend with the fewest entries, then fewest errors, then earliest on the command line."""
+    best = None
+    for backend in backends:
+        if backend.state != UP or backend in exclude:
+            continue
+        if best is None or (backend.entries, backend.errors, backend.index) < (
+            best.entries, best.errors, best.index
+        ):
+            best = backend
+    return best
+
+
+def status_class(status: int) -> str:
+    return "%dxx" % (status // 100) if 100 <= status < 600 else "other"
+
+
+class BackendPool:
+    """The shared backend table and request counter (see the module comment)."""
+
+    def __init__(self, addresses: Sequence[Address], requests_per_round: int):
+        self._lock = threading.Lock()
+        self.backends = [Backend(address, i) for i, address in enumerate(addresses)]
+        self._requests_per_round = requests_per_round
+        self._accepted_since_round = 0
+        self.accepted = 0
+        self.no_backend = 0           # connections answered with the 500
+
+    # -- accept loop -------------------------------------------------------
+
+    def count_accept(self) -> bool:
+        """Count one accepted connection; True when it is the R-th since the last round."""
+        with self._lock:
+            self.accepted += 1
+            self._accepted_since_round += 1
+            if self._accepted_since_round >= self._requests_per_round:
+                self._accepted_since_round = 0
+                return True
+            return False
+
+    # -- workers -------------------------------------------------------------
+
+    def choose(self, exclude: Sequence[Backend] = ()) -> Optional[Backend]:
+        """Choose a backend for a new connection and count it there; None if none is usable."""
+        with self._lock:
+            backend = choose_backend(self.backends, exclude)
+            if backend is None:
+                self.no_backend += 1
+                return None
+            backend.entries += 1
+            backend.routed += 1
+            backend.active += 1
+            return backend
+
+    def connect_failed(self, backend: Backend, reason: str) -> None:
+        """A connection chosen by ``choose`` never reached the backend: undo it and mark it down."""
+        with self._lock:
+            backend.active -= 1
+            backend.failures += 1
+            self._locked_set_state(backend, DOWN, reason)
+
+    def mark_down(self, backend: Backend, reason: str) -> None:
+        with self._lock:
+            backend.failures += 1
+            self._locked_set_state(backend, DOWN, reason)
+
+    def release(self, backend: Backend, bytes_up: int, bytes_down: int, status: int) -> None:
+        """Record a finished relay."""
+        with self._lock:
+            backend.active -= 1
+            backend.bytes_up += bytes_up
+            backend.bytes_down += bytes_down
+            if bytes_down:
+                backend.responses[status_class(status)] += 1
+
+    # -- health checker ------------------------------------------------------
+
+    def begin_probe(self, backend: Backend) -> bool:
+        """Claim ``backend`` for a probe; False if its previous probe is still running."""
+        with self._lock:
+            if backend.probing:
+                return False
+            backend.probing = True
+            backend.probe_started_routed = backend.routed
+            return True
+
+    def apply_probe(self, backend: Backend, result: Optional[tuple[int, int]], reason: str,
+                    latency: Optional[float]) -> None:
+        """Apply one probe's outcome: ``(errors, entries)`` when healthy, else None and a reason."""
+        with self._lock:
+            backend.probing = False
+            backend.probe_latency = latency
+            if result is None:
+                self._locked_set_state(backend, DOWN, reason)
+                return
+            errors, entries = result
+            # Connections routed after the probe began may not be in the
+            # backend's own count yet; keep them in the estimate.
+            backend.errors = errors
+            backend.entries = entries + (backend.routed - backend.probe_started_routed)
+            self._locked_set_state(backend, UP, "healthy (errors=%d entries=%d)" % (errors, entries))
+
+    def _locked_set_state(self, backend: Backend, state: str, reason: str) -> None:
+        if backend.state == state:
+            if state == DOWN:
+                backend.reason = reason
+            return
+        previous, backend.state, backend.reason = backend.state, state, reason
+        backend.last_change = time.time()
+        if state == UP:
+            log.info("backend %s is up (was %s): %s", backend.name, previous, reason)
+        else:
+            log.warning("backend %s is down (was %s): %s", backend.name, previous, reason)
+
+    # -- observers -------------------------------------------------------------
+
+    def any_probed(self) -> bool:
+        with self._lock:
+            return any(b.state != UNKNOWN for b in self.backends)
+
+    def snapshot(self) -> list[dict]:
+        """A consistent copy of the table, for display."""
+        with self._lock:
+            return [
+                {
+                    "backend": b.name, "state": b.state, "reason": b.reason,
+                    "errors": b.errors, "entries": b.entries, "routed": b.routed,
+                    "active": b.active, "bytes_up": b.bytes_up, "bytes_down": b.bytes_down,
+                    "responses": dict(b.responses), "failures": b.failures,
+                    "last_change": b.last_change, "probe_latency": b.probe_latency,
+                }
+                for b in self.backends
+            ]

@@ -1,0 +1,64 @@
+"""Builds the one compiled extension, fastlb._bridge, from src/bridge.pyx.
+
+Without a working compiler the build falls back to the pure-Python relay with a
+loud warning, unless FASTLB_REQUIRE_EXTENSIONS=1 (set in CI and wheel builds),
+which makes the failure fatal.  FASTLB_NO_EXTENSIONS=1 skips the extension.
+"""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def flag(name):
+    return os.environ.get(name, "") not in ("", "0")
+
+
+class optional_build_ext(build_ext):
+    """Report which bridge was built; fall back to pure Python unless told not to."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:
+            self._fallback(exc)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._fallback(exc)
+        else:
+            sys.stderr.write("*** fastlb: built the compiled bridge (fastlb._bridge)\n")
+
+    def _fallback(self, exc):
+        if flag("FASTLB_REQUIRE_EXTENSIONS"):
+            raise
+        sys.stderr.write(
+            "*** WARNING fastlb: could not build the compiled bridge (%s);\n"
+            "*** fastlb will use the pure-Python relay, which is several times slower.\n" % exc
+        )
+
+
+def extensions():
+    if flag("FASTLB_NO_EXTENSIONS"):
+        sys.stderr.write("*** fastlb: FASTLB_NO_EXTENSIONS set, building the pure-Python bridge only\n")
+        return []
+    if not os.path.exists(os.path.join("src", "bridge.pyx")):
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError as exc:
+        if flag("FASTLB_REQUIRE_EXTENSIONS"):
+            raise
+        sys.stderr.write("*** WARNING fastlb: Cython missing (%s); pure-Python bridge only\n" % exc)
+        return []
+    return cythonize(
+        [Extension("fastlb._bridge", ["src/bridge.pyx"], extra_compile_args=["-O2"])],
+        compiler_directives={"language_level": "3", "embedsignature": True},
+    )
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": optional_build_ext})
