@@ -117,6 +117,8 @@ class BackendPool:
         """A connection chosen by ``choose`` never reached the backend: undo it and mark it down."""
         with self._lock:
             backend.active -= 1
+            backend.routed -= 1
+            backend.entries -= 1
             backend.failures += 1
             self._locked_set_state(backend, DOWN, reason)
 
@@ -158,7 +160,7 @@ class BackendPool:
             # Connections routed after the probe began may not be in the
             # backend's own count yet; keep them in the estimate.
             backend.errors = errors
-            backend.entries = entries + (backend.routed - backend.probe_started_routed)
+            backend.entries = entries + max(0, backend.routed - backend.probe_started_routed)
             self._locked_set_state(backend, UP, "healthy (errors=%d entries=%d)" % (errors, entries))
 
     def _locked_set_state(self, backend: Backend, state: str, reason: str) -> None:

@@ -1,0 +1,96 @@
+"""Command-line parsing: SPEC §1, as a user of the classic balancer types it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fastlb.cli import parse_config
+from fastlb.settings import SETTINGS
+
+
+def test_options_interleave_with_positionals():
+    config = parse_config(["-N", "7", "1234", "8080", "-R", "3", "8081"])
+    assert config.port == 1234
+    assert [b.port for b in config.backends] == [8080, 8081]
+    assert config.threads == 7 and config.requests == 3
+
+
+def test_defaults_match_spec():
+    config = parse_config(["1234", "8080"])
+    assert (config.threads, config.requests, config.interval) == (4, 5, 2.0)
+    assert (config.server_timeout, config.idle_timeout, config.client_timeout) == (10.0, 60.0, 10.0)
+    assert (config.max_queue, config.drain_timeout, config.probe_timeout) == (1024, 30.0, 5.0)
+
+
+def test_bare_port_means_localhost_and_host_port_is_resolved():
+    config = parse_config(["1234", "8080", "localhost:8081", "[::1]:8082"])
+    first, second, third = config.backends
+    assert (first.host, first.ip, first.port) == ("127.0.0.1", "127.0.0.1", 8080)
+    assert (second.host, second.port) == ("localhost", 8081) and second.ip
+    assert (third.host, third.ip, third.port) == ("::1", "::1", 8082)
+
+
+def test_same_backend_twice_is_accepted():
+    config = parse_config(["1234", "8080", "8080"])
+    assert [b.name for b in config.backends] == ["127.0.0.1:8080", "127.0.0.1:8080"]
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        ([], "required: LB_PORT, SERVER"),
+        (["1234"], "required: SERVER"),
+        (["abc", "8080"], "not a port number"),
+        (["1234", "x"], "not a port number"),
+        (["0", "8080"], "out of range"),
+        (["1234", "65536"], "out of range"),
+        (["1234", "host:"], "not a port number"),
+        (["1234", ":80"], "no host"),
+        (["-N", "0", "1234", "8080"], "must be at least 1"),
+        (["-R", "0", "1234", "8080"], "must be at least 1"),
+        (["-N", "two", "1234", "8080"], "not a whole number"),
+        (["--interval", "-1", "1234", "8080"], "positive number of seconds"),
+        (["--server-timeout", "nan", "1234", "8080"], "positive number of seconds"),
+        (["--bogus", "1234", "8080"], "unrecognized arguments"),
+        (["-N"], "expected one argument"),
+        (["1234", "no-such-host.invalid:80"], "cannot resolve"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line_reason_and_usage(argv, reason):
+    result = subprocess.run([sys.executable, "-m", "fastlb"] + argv, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage: fastlb")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastlb: error:") and reason in last, result.stderr
+
+
+def test_help_documents_every_option_with_its_default():
+    result = subprocess.run([sys.executable, "-m", "fastlb", "--help"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for setting in SETTINGS:
+        for flag in setting.flags:
+            assert flag in text
+        assert "default: %s" % setting.default in text
+    assert "--version" in text and "fastlb demo" in text
+
+
+def test_version_names_the_active_bridge():
+    result = subprocess.run([sys.executable, "-m", "fastlb", "--version"], capture_output=True,
+                            text=True, timeout=30, env={"FASTLB_NO_EXTENSIONS": "1", "PATH": ""})
+    assert result.returncode == 0
+    assert result.stdout.startswith("fastlb ") and "(bridge: python)" in result.stdout
+
+
+def test_option_tables_in_the_docs_match_the_settings_declaration():
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout

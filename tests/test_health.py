@@ -1,0 +1,137 @@
+"""The health probe against real sockets (SPEC §2): what it sends and how it judges answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from fastlb.health import probe
+from fastlb.settings import Address
+
+
+class OneShotServer:
+    """Accepts one connection, records the request head, answers with ``answer`` (or stays silent)."""
+
+    def __init__(self, answer: bytes | None, close: bool = True, delay: float = 0.0):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.port = self.sock.getsockname()[1]
+        self.answer, self.close, self.delay = answer, close, delay
+        self.request = b""
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.sock.settimeout(10)
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            while b"\r\n\r\n" not in self.request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                self.request += chunk
+            if self.answer is not None:
+                time.sleep(self.delay)
+                try:
+                    conn.sendall(self.answer)
+                except OSError:
+                    pass
+            if not self.close:
+                self.done.wait(10)
+        self.done.set()
+
+    def address(self) -> Address:
+        return Address("127.0.0.1", self.port, "127.0.0.1")
+
+    def shutdown(self):
+        self.done.set()
+        self.sock.close()
+
+
+@pytest.fixture
+def server_factory():
+    servers = []
+
+    def make(*args, **kwargs):
+        server = OneShotServer(*args, **kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.shutdown()
+
+
+def test_probe_sends_get_healthcheck_with_host_header(server_factory):
+    server = server_factory(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n2\n9\n")
+    assert probe(server.address(), 5) == ((2, 9), "ok")
+    head = server.request.decode()
+    assert head.startswith("GET /healthcheck HTTP/1.1\r\n")
+    assert "\r\nHost: 127.0.0.1:%d\r\n" % server.port in head
+    assert head.endswith("\r\n\r\n")
+
+
+def test_answer_with_content_length_completes_without_waiting_for_eof(server_factory):
+    server = server_factory(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n0\n1", close=False)
+    started = time.monotonic()
+    assert probe(server.address(), 5) == ((0, 1), "ok")
+    assert time.monotonic() - started < 4
+
+
+def test_answer_without_content_length_is_read_to_eof(server_factory):
+    server = server_factory(b"HTTP/1.0 200 OK\r\n\r\n12\n34\n")
+    assert probe(server.address(), 5) == ((12, 34), "ok")
+
+
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", "status 404"),
+        (b"HTTP/1.1 500 Oops\r\n\r\n", "status 500"),
+        (b"hello there\r\n", "malformed status line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n1 2\n3", "malformed body"),
+        (b"HTTP/1.1 200 OK\r\n\r\n1\n2\n3\n", "malformed body"),
+        (b"HTTP/1.1 200 OK\r\n\r\n-1\n2", "malformed body"),
+        (b"HTTP/1.1 200 OK\r\n\r\n9223372036854775808\n2", "number too large"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n1\n2", "truncated answer"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 5000 + b"\r\n\r\n1\n2", "answer too long"),
+        (b"", "truncated answer"),
+    ],
+)
+def test_unhealthy_answers_mark_down_with_their_reason(server_factory, answer, reason):
+    server = server_factory(answer)
+    assert probe(server.address(), 5) == (None, reason)
+
+
+def test_refused_connection_is_reported():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert probe(Address("127.0.0.1", port, "127.0.0.1"), 5) == (None, "connection refused")
+
+
+def test_silent_backend_times_out_within_the_bound(server_factory):
+    server = server_factory(None, close=False)
+    started = time.monotonic()
+    result, reason = probe(server.address(), 1.0)
+    elapsed = time.monotonic() - started
+    assert result is None and reason.startswith("timeout")
+    assert 0.9 <= elapsed < 3.0
+
+
+def test_slow_trickle_cannot_extend_the_bound(server_factory):
+    # The bound is on the whole probe, not per read.
+    server = server_factory(b"HTTP/1.1 200 OK\r\n", close=False, delay=0.0)
+    started = time.monotonic()
+    result, reason = probe(server.address(), 1.0)
+    assert result is None and reason.startswith("timeout")
+    assert time.monotonic() - started < 3.0
