@@ -28,6 +28,8 @@ import time
 from typing import Optional
 
 from fastlb import __version__, bridge
+from fastlb.accesslog import AccessLog
+from fastlb.admin import AdminServer
 from fastlb.health import HealthChecker
 from fastlb.pool import Backend, BackendPool
 from fastlb.settings import Address
@@ -42,6 +44,12 @@ RESPONSE_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 # can destroy our answer before the client reads it (nginx's lingering close).
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1 << 20
+
+
+def _peer(addr) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return ("[%s]:%d" if ":" in addr[0] else "%s:%d") % (addr[0], addr[1])
+    return str(addr)
 
 
 class ListenError(Exception):
@@ -118,7 +126,7 @@ class Balancer:
 
     def __init__(self, config):
         self.config = config
-        self.pool = BackendPool(config.backends, config.requests)
+        self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall)
         self.health = HealthChecker(self.pool, config.probe_timeout, config.interval)
         self.queue: queue.Queue = queue.Queue(config.max_queue)
         self.listener: Optional[socket.socket] = None
@@ -130,6 +138,9 @@ class Balancer:
         self._inflight = 0
         self._workers: list[threading.Thread] = []
         self.fd_limit = raise_fd_limit()
+        self.started = time.time()
+        self.access_log: Optional[AccessLog] = None
+        self.admin: Optional[AdminServer] = None
 
     # -- setup -----------------------------------------------------------------
 
@@ -156,6 +167,20 @@ class Balancer:
         sock.setblocking(False)
         self.listener = sock
         self.port = sock.getsockname()[1]
+        if self.config.admin:
+            try:
+                self.admin = AdminServer(self.config.admin, self.stats)
+            except OSError as exc:
+                sock.close()
+                self.listener = None
+                raise ListenError("cannot serve the admin endpoint on %s: %s"
+                                  % (self.config.admin, exc.strerror or exc)) from None
+        if self.config.access_log:
+            try:
+                self.access_log = AccessLog(self.config.access_log)
+            except OSError as exc:
+                raise ListenError("cannot open the access log %s: %s"
+                                  % (self.config.access_log, exc.strerror or exc)) from None
 
     def run(self) -> None:
         """Probe, start the threads, accept until ``stop()``, then drain."""
@@ -168,6 +193,10 @@ class Balancer:
             self.config.threads, ", ".join(b.name for b in self.pool.backends),
             self.config.requests, self.config.interval, self.fd_limit,
         )
+        if self.admin:
+            self.admin.start()
+            log.info("admin endpoint on http://%s/ (stats page, /stats.json, /metrics, /healthz)",
+                     self.config.admin.rsplit(":", 1)[0] + ":%d" % self.admin.port)
         # Connections arriving now wait in the kernel's backlog until the
         # first round says which backends are up.
         self.health.first_round()
@@ -182,6 +211,10 @@ class Balancer:
             self.listener.close()
             self._drain()
             self.health.stop()
+            if self.admin:
+                self.admin.stop()
+            if self.access_log:
+                self.access_log.close()
 
     def stop(self) -> None:
         """Stop accepting and drain; safe to call from a signal handler or another thread."""
@@ -205,7 +238,7 @@ class Balancer:
             poller.poll()
             while not self._stopping.is_set():
                 try:
-                    conn, _ = self.listener.accept()
+                    conn, addr = self.listener.accept()
                 except BlockingIOError:
                     break
                 except OSError as exc:
@@ -214,17 +247,20 @@ class Balancer:
                         log.error("accept failed: %s", exc.strerror)
                         time.sleep(0.1)
                     break
-                self._dispatch(conn)
+                self._dispatch(conn, addr)
 
-    def _dispatch(self, conn: socket.socket) -> None:
+    def _dispatch(self, conn: socket.socket, addr) -> None:
         if self.pool.count_accept():
             self.health.trigger()
         with self._idle:
             self._inflight += 1
         try:
-            self.queue.put_nowait(conn)
+            self.queue.put_nowait((conn, addr, time.monotonic()))
         except queue.Full:
             self._finished()
+            self.pool.count_queue_full()
+            if self.access_log:
+                self.access_log.record(_peer(addr), "", 0, 0, 0.0, 503, "queue_full")
             log.warning("queue full (%d): answering 503", self.config.max_queue)
             # Under overload the answer must cost nothing: no lingering, and a
             # client whose buffer is full simply misses it.
@@ -240,33 +276,43 @@ class Balancer:
 
     def _work(self) -> None:
         while True:
-            conn = self.queue.get()
+            conn, addr, accepted = self.queue.get()
+            outcome = None
             try:
-                self.handle(conn)
+                outcome = self.handle(conn)
             except Exception:
                 log.exception("unexpected error while relaying")
             finally:
                 conn.close()
                 self._finished()
+            if self.access_log and outcome:
+                backend, up, down, status, end = outcome
+                self.access_log.record(_peer(addr), backend, up, down,
+                                       time.monotonic() - accepted, status, end)
 
-    def handle(self, conn: socket.socket) -> None:
-        """Serve one client connection from first byte to close."""
+    def handle(self, conn: socket.socket):
+        """Serve one client connection from first byte to close.
+
+        Returns ``(backend name, bytes up, bytes down, status, end)`` for the access log.
+        """
         cfg = self.config
         conn.setblocking(True)
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Nothing is routed for a client that sends nothing: it costs no backend.
-            if not wait_readable(conn, cfg.client_timeout) or not conn.recv(1, socket.MSG_PEEK):
-                return
+            if not wait_readable(conn, cfg.client_timeout):
+                return "", 0, 0, 0, "client_timeout"
+            if not conn.recv(1, socket.MSG_PEEK):
+                return "", 0, 0, 0, "client_closed"
         except OSError:
-            return
+            return "", 0, 0, 0, "client_error"
 
         tried: list[Backend] = []
         while True:
             backend = self.pool.choose(tried)
             if backend is None:
                 answer_and_close(conn, RESPONSE_500)
-                return
+                return "", 0, 0, 500, "no_backend"
             try:
                 server = connect(backend.address, cfg.connect_timeout)
                 break
@@ -274,15 +320,64 @@ class Balancer:
                 self.pool.connect_failed(backend, connect_failure_reason(exc, cfg.connect_timeout))
                 tried.append(backend)
 
+        started = time.monotonic()
         try:
             result = bridge.relay(conn, server, cfg.server_timeout, cfg.idle_timeout)
         finally:
             server.close()
-        self.pool.release(backend, result.bytes_up, result.bytes_down, result.status)
+        self.pool.release(backend, result.bytes_up, result.bytes_down, result.status,
+                          time.monotonic() - started)
+        status = result.status
         if result.bytes_down == 0 and result.end in ("server_timeout", "server_error"):
             if result.end == "server_timeout":
                 self.pool.mark_down(backend, "no answer within %gs (server timeout)" % cfg.server_timeout)
             answer_and_close(conn, RESPONSE_500)
+            status = 500
+        return backend.name, result.bytes_up, result.bytes_down, status, result.end
+
+    # -- operations ----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Everything the admin endpoint shows, as plain data."""
+        backends = self.pool.snapshot()
+        totals = {"up": sum(b["state"] == "up" for b in backends),
+                  "responses": {c: sum(b["responses"][c] for b in backends)
+                                for c in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")}}
+        for key in ("routed", "active", "bytes_up", "bytes_down", "failures"):
+            totals[key] = sum(b[key] for b in backends)
+        return {
+            "version": __version__, "bridge": bridge.IMPLEMENTATION,
+            "listen": "%s:%d" % (self.config.bind, self.port),
+            "state": "draining" if self.stopping else "running",
+            "started": self.started, "uptime": int(time.time() - self.started),
+            "threads": self.config.threads, "accepted": self.pool.accepted,
+            "no_backend": self.pool.no_backend, "queue_full": self.pool.queue_full,
+            "inflight": self.inflight, "queue_length": self.queue.qsize(),
+            "backends": backends, "totals": totals,
+        }
+
+    def reload(self, config) -> None:
+        """Apply a re-read configuration without dropping anything in flight.
+
+        Backends, weights, rise/fall, -R and the timeouts take effect at once
+        (timeouts for connections that start after the reload); the listen
+        address, -N, the admin address and the queue size need a restart.
+        """
+        for name in ("port", "bind", "threads", "admin", "max_queue", "access_log"):
+            if getattr(config, name) != getattr(self.config, name) and not (
+                    name == "port" and config.port == self.port):
+                log.warning("reload: %s changed; restart fastlb to apply it", name)
+                setattr(config, name, getattr(self.config, name))
+        added = self.pool.update(config.backends, config.requests, config.rise, config.fall)
+        self.health.probe_timeout, self.health.interval = config.probe_timeout, config.interval
+        self.config = config
+        if self.access_log:
+            self.access_log.reopen()
+        for backend in added:
+            if self.pool.begin_probe(backend):
+                threading.Thread(target=self.health.probe_backend, args=(backend,),
+                                 daemon=True).start()
+        log.info("reload: %d backend(s), %d new", len(config.backends), len(added))
 
     # -- drain -------------------------------------------------------------------
 

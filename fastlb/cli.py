@@ -10,14 +10,17 @@ import logging
 import os
 import signal
 import sys
+import threading
 from typing import Callable, Optional, Sequence
 
-from fastlb import __version__, bridge
+from fastlb import __version__, bridge, configfile
 from fastlb.settings import SETTINGS, Config, SettingError, backend, port, resolve
 
 log = logging.getLogger("fastlb")
 
-USAGE = "fastlb [-N THREADS] [-R REQUESTS] [options] LB_PORT SERVER [SERVER ...]\n       fastlb demo"
+USAGE = ("fastlb [-N THREADS] [-R REQUESTS] [options] LB_PORT SERVER [SERVER ...]\n"
+         "       fastlb --config FILE [options] [LB_PORT] [SERVER ...]\n"
+         "       fastlb demo")
 
 DESCRIPTION = """\
 Accept TCP connections on LB_PORT and relay each, byte for byte, to the healthy
@@ -50,31 +53,56 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastlb", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("port", metavar="LB_PORT", type=_argparse_type(port),
+    parser.add_argument("port", metavar="LB_PORT", type=_argparse_type(port), nargs="?",
                         help="port to accept client connections on")
-    parser.add_argument("servers", metavar="SERVER", nargs="+", type=_argparse_type(backend),
+    parser.add_argument("servers", metavar="SERVER", nargs="*", type=_argparse_type(backend),
                         help="backend as PORT or HOST:PORT; the same backend may be given twice")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read settings and backends from a TOML file; options and "
+                             "positionals on the command line override it; SIGHUP re-reads it")
+    # SUPPRESS: an option absent from the command line leaves no attribute, so
+    # the config file's value (or the default) shows through.
     for setting in SETTINGS:
         parser.add_argument(
             *setting.flags, dest=setting.name, type=_argparse_type(setting.parse),
-            default=setting.default, metavar=setting.metavar or None,
-            help="%s (default: %s)" % (setting.help, setting.default),
+            default=argparse.SUPPRESS, metavar=setting.metavar or None,
+            help="%s (default: %s)" % (setting.help, setting.default or "off"),
         )
     parser.add_argument("--version", action="version",
                         version="fastlb %s (bridge: %s)" % (__version__, bridge.IMPLEMENTATION))
     return parser
 
 
-def parse_config(argv: Sequence[str]) -> Config:
-    """Parse a command line into a Config; exits with status 2 and a one-line reason on error."""
+def build_config(args: argparse.Namespace) -> Config:
+    """Merge defaults, the config file and the command line; raise SettingError when invalid."""
+    values = {setting.name: setting.default for setting in SETTINGS}
+    if args.config:
+        values.update(configfile.load(args.config))
+    values.update({s.name: getattr(args, s.name) for s in SETTINGS if hasattr(args, s.name)})
+    if args.port is not None:
+        values["port"] = args.port
+    if args.servers:
+        values["backends"] = args.servers
+    missing = [name for key, name in (("port", "LB_PORT"), ("backends", "SERVER"))
+               if key not in values]
+    if missing:
+        raise SettingError("the following arguments are required: %s" % ", ".join(missing))
+    values["backends"] = [resolve(address) for address in values["backends"]]
+    return Config(**values)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
+    """Parse a command line; exits with status 2 and a one-line reason on error."""
     parser = build_parser()
     args = parser.parse_intermixed_args(list(argv))
     try:
-        backends = [resolve(address) for address in args.servers]
+        return args, build_config(args)
     except SettingError as exc:
         parser.error(str(exc))
-    values = {setting.name: getattr(args, setting.name) for setting in SETTINGS}
-    return Config(port=args.port, backends=backends, **values)
+
+
+def parse_config(argv: Sequence[str]) -> Config:
+    return parse_args(argv)[1]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -84,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demo_main(argv[1:])
 
-    config = parse_config(argv)
+    args, config = parse_args(argv)
     logging.basicConfig(
         level=config.log_level, stream=sys.stderr,
         format="%(asctime)s fastlb[%(process)d] %(levelname)s %(message)s",
@@ -108,7 +136,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  signal.Signals(signum).name)
         balancer.stop()
 
+    reload_lock = threading.Lock()
+
+    def reload() -> None:
+        with reload_lock:
+            if not args.config:
+                log.warning("SIGHUP: no --config file to re-read; reopening the access log only")
+                if balancer.access_log:
+                    balancer.access_log.reopen()
+                return
+            try:
+                new_config = build_config(args)
+            except SettingError as exc:
+                log.error("reload failed, keeping the running configuration: %s", exc)
+                return
+            balancer.reload(new_config)
+
+    def on_hangup(signum: int, frame: object) -> None:
+        # Re-reading the file and resolving names must not stall the accept loop.
+        threading.Thread(target=reload, name="fastlb-reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     balancer.run()
     return 0

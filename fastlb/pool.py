@@ -12,6 +12,7 @@ Selection itself is ``choose_backend``, a plain function over data.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -23,6 +24,9 @@ log = logging.getLogger("fastlb")
 
 UNKNOWN, UP, DOWN = "unknown", "up", "down"
 
+# Upper bounds (seconds) of the connection-duration histogram buckets.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
+
 
 class Backend:
     """One backend server and everything fastlb knows about it."""
@@ -30,7 +34,8 @@ class Backend:
     __slots__ = (
         "address", "index", "state", "reason", "errors", "entries", "probing",
         "probe_started_routed", "routed", "active", "bytes_up", "bytes_down",
-        "responses", "failures", "last_change", "probe_latency",
+        "responses", "failures", "last_change", "probe_latency", "good_probes",
+        "bad_probes", "removed", "durations", "duration_sum",
     )
 
     def __init__(self, address: Address, index: int):
@@ -50,24 +55,38 @@ class Backend:
         self.failures = 0             # connects that failed and server timeouts
         self.last_change = time.time()
         self.probe_latency: Optional[float] = None
+        self.good_probes = 0          # consecutive healthy probes (for --rise)
+        self.bad_probes = 0           # consecutive failed probes (for --fall)
+        self.removed = False          # dropped by a reload: no new traffic, relays drain
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
 
     @property
     def name(self) -> str:
         return self.address.name
+
+    @property
+    def weight(self) -> int:
+        return self.address.weight
+
+    def load(self) -> tuple:
+        """The selection key: entries per unit of weight, then errors, then command-line order."""
+        return (self.entries / self.address.weight, self.errors, self.index)
 
     def __repr__(self) -> str:
         return "<Backend %s %s entries=%d errors=%d>" % (self.name, self.state, self.entries, self.errors)
 
 
 def choose_backend(backends: Iterable[Backend], exclude: Sequence[Backend] = ()) -> Optional[Backend]:
-    """The up backend with the fewest entries, then fewest errors, then earliest on the command line."""
+    """The up backend with the fewest entries, then fewest errors, then earliest on the command line.
+
+    Entries are counted per unit of weight, so a backend of weight 2 takes twice the share.
+    """
     best = None
     for backend in backends:
-        if backend.state != UP or backend in exclude:
+        if backend.state != UP or backend.removed or backend in exclude:
             continue
-        if best is None or (backend.entries, backend.errors, backend.index) < (
-            best.entries, best.errors, best.index
-        ):
+        if best is None or backend.load() < best.load():
             best = backend
     return best
 
@@ -79,13 +98,16 @@ def status_class(status: int) -> str:
 class BackendPool:
     """The shared backend table and request counter (see the module comment)."""
 
-    def __init__(self, addresses: Sequence[Address], requests_per_round: int):
+    def __init__(self, addresses: Sequence[Address], requests_per_round: int, rise: int = 1,
+                 fall: int = 1):
         self._lock = threading.Lock()
         self.backends = [Backend(address, i) for i, address in enumerate(addresses)]
         self._requests_per_round = requests_per_round
+        self.rise, self.fall = rise, fall
         self._accepted_since_round = 0
         self.accepted = 0
         self.no_backend = 0           # connections answered with the 500
+        self.queue_full = 0           # connections answered with the 503
 
     # -- accept loop -------------------------------------------------------
 
@@ -120,21 +142,35 @@ class BackendPool:
             backend.routed -= 1
             backend.entries -= 1
             backend.failures += 1
+            backend.good_probes = 0
             self._locked_set_state(backend, DOWN, reason)
 
     def mark_down(self, backend: Backend, reason: str) -> None:
         with self._lock:
             backend.failures += 1
+            backend.good_probes = 0
             self._locked_set_state(backend, DOWN, reason)
 
-    def release(self, backend: Backend, bytes_up: int, bytes_down: int, status: int) -> None:
+    def release(self, backend: Backend, bytes_up: int, bytes_down: int, status: int,
+                duration: float = 0.0) -> None:
         """Record a finished relay."""
+        bucket = bisect.bisect_left(DURATION_BUCKETS, duration)
         with self._lock:
             backend.active -= 1
             backend.bytes_up += bytes_up
             backend.bytes_down += bytes_down
             if bytes_down:
                 backend.responses[status_class(status)] += 1
+            backend.durations[bucket] += 1
+            backend.duration_sum += duration
+            if backend.removed and backend.active == 0 and backend in self.backends:
+                # A new list, not an in-place removal: other threads may be iterating.
+                self.backends = [b for b in self.backends if b is not backend]
+                log.info("backend %s removed after draining its relays", backend.name)
+
+    def count_queue_full(self) -> None:
+        with self._lock:
+            self.queue_full += 1
 
     # -- health checker ------------------------------------------------------
 
@@ -154,14 +190,65 @@ class BackendPool:
             backend.probing = False
             backend.probe_latency = latency
             if result is None:
-                self._locked_set_state(backend, DOWN, reason)
+                backend.good_probes = 0
+                backend.bad_probes += 1
+                # An unprobed backend goes down on its first failure: it was never usable.
+                if backend.bad_probes >= self.fall or backend.state == UNKNOWN:
+                    self._locked_set_state(backend, DOWN, reason)
                 return
             errors, entries = result
             # Connections routed after the probe began may not be in the
             # backend's own count yet; keep them in the estimate.
             backend.errors = errors
             backend.entries = entries + max(0, backend.routed - backend.probe_started_routed)
-            self._locked_set_state(backend, UP, "healthy (errors=%d entries=%d)" % (errors, entries))
+            backend.bad_probes = 0
+            backend.good_probes += 1
+            # At start-up (state unknown) one good probe is enough, as in HAProxy.
+            if backend.good_probes >= self.rise or backend.state == UNKNOWN:
+                self._locked_set_state(backend, UP, "healthy (errors=%d entries=%d)" % (errors, entries))
+
+    def update(self, addresses: Sequence[Address], requests_per_round: int, rise: int,
+               fall: int) -> list[Backend]:
+        """Replace the backend list after a reload; return the backends that are new.
+
+        Backends that stay (same name, counted by occurrence for duplicates) keep
+        their state and counters; new ones start unprobed, so they get no traffic
+        before a healthy probe; removed ones take no new traffic and leave the
+        table once their relays have finished.
+        """
+        with self._lock:
+            self._requests_per_round = requests_per_round
+            self.rise, self.fall = rise, fall
+            current: dict[tuple, Backend] = {}
+            seen: dict[str, int] = {}
+            for backend in self.backends:
+                if not backend.removed:
+                    n = seen[backend.name] = seen.get(backend.name, 0) + 1
+                    current[(backend.name, n)] = backend
+            kept, added = [], []
+            seen = {}
+            for address in addresses:
+                n = seen[address.name] = seen.get(address.name, 0) + 1
+                backend = current.pop((address.name, n), None)
+                if backend is None:
+                    backend = Backend(address, 0)
+                    added.append(backend)
+                else:
+                    backend.address = address  # the weight may have changed
+                kept.append(backend)
+            for backend in current.values():
+                backend.removed = True
+                log.info("backend %s removed by reload; %d relay(s) draining", backend.name,
+                         backend.active)
+            draining = [b for b in current.values() if b.active]
+            for i, backend in enumerate(kept):
+                backend.index = i
+            for i, backend in enumerate(draining):
+                backend.index = len(kept) + i
+            self.backends = kept + draining
+            for backend in added:
+                log.info("backend %s added by reload; probing before use", backend.name)
+            return added
 
     def _locked_set_state(self, backend: Backend, state: str, reason: str) -> None:
         if backend.state == state:
@@ -191,6 +278,8 @@ class BackendPool:
                     "active": b.active, "bytes_up": b.bytes_up, "bytes_down": b.bytes_down,
                     "responses": dict(b.responses), "failures": b.failures,
                     "last_change": b.last_change, "probe_latency": b.probe_latency,
+                    "weight": b.address.weight, "removed": b.removed,
+                    "durations": list(b.durations), "duration_sum": b.duration_sum,
                 }
                 for b in self.backends
             ]

@@ -33,6 +33,7 @@ class Address:
     port: int
     ip: str = ""
     family: int = socket.AF_INET
+    weight: int = 1                 # share of the load relative to the others (config file)
 
     @property
     def name(self) -> str:
@@ -97,6 +98,24 @@ def log_level(text: str) -> str:
     return level
 
 
+def admin_address(text: str) -> str:
+    """``PORT`` (bound on 127.0.0.1 only) or ``ADDR:PORT``; returned as ``ADDR:PORT``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    elif host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise SettingError("admin address %r has no host before ':'" % text)
+    return "%s:%d" % (host, port(port_text))
+
+
+def optional_path(text: str) -> str:
+    if not text:
+        raise SettingError("empty file name")
+    return text
+
+
 def bind_address(text: str) -> str:
     if not text:
         raise SettingError("empty listen address")
@@ -130,6 +149,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("bind", ("--bind",), bind_address, "0.0.0.0",
             "address to listen on (0.0.0.0 means every IPv4 interface, like the classic "
             "balancer; use 127.0.0.1 to accept local clients only)", "ADDR"),
+    Setting("rise", ("--rise",), at_least_one, 1,
+            "consecutive healthy probes before a down backend is used again", "N"),
+    Setting("fall", ("--fall",), at_least_one, 1,
+            "consecutive failed probes before a backend is marked down (a refused connect "
+            "during traffic still marks it down at once)", "N"),
+    Setting("admin", ("--admin",), admin_address, "",
+            "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
+            "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT"),
+    Setting("access_log", ("--access-log",), optional_path, "",
+            "write one line per connection to FILE ('-' for stderr); off when empty", "FILE"),
     Setting("log_level", ("--log-level",), log_level, "INFO",
             "least severe log messages shown on stderr: debug, info, warning or error", "LEVEL"),
 )

@@ -1,0 +1,247 @@
+"""The admin endpoint: stats page, /stats.json, Prometheus /metrics and /healthz.
+
+It runs in its own threads (``http.server``) and reads the balancer only
+through ``Balancer.stats()``, one consistent snapshot taken under the pool's
+lock; it never touches the relay path.  The Prometheus text format is written
+here by hand rather than through ``prometheus-client``: the figures already
+live in the backend table, so a scrape only formats a snapshot, the relay path
+pays nothing, and fastlb keeps no runtime dependency.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from fastlb.pool import DURATION_BUCKETS
+
+log = logging.getLogger("fastlb")
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
+        count /= 1024
+    return str(count)
+
+
+def render_page(stats: dict) -> str:
+    """The HTML stats page: one row per backend and a totals row; it refreshes itself."""
+    esc = html.escape
+    rows = []
+    for b in stats["backends"]:
+        latency = "-" if b["probe_latency"] is None else "%.1f ms" % (b["probe_latency"] * 1000)
+        since = time.strftime("%H:%M:%S", time.localtime(b["last_change"]))
+        state = b["state"] + (" (removed)" if b["removed"] else "")
+        rows.append(
+            "<tr class='%s'><td class='name'>%s</td><td class='state'>%s</td><td>%s</td>"
+            "<td class='reason'>%s</td><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td>%d</td>"
+            "<td>%d</td><td>%s</td><td>%s</td>%s</tr>"
+            % (esc(b["state"]), esc(b["backend"]), esc(state), since, esc(b["reason"]), latency,
+               b["weight"], b["entries"], b["errors"], b["routed"], b["active"],
+               human_bytes(b["bytes_up"]), human_bytes(b["bytes_down"]),
+               "".join("<td>%d</td>" % b["responses"][c] for c in STATUS_CLASSES))
+        )
+    t = stats["totals"]
+    rows.append(
+        "<tr class='totals'><td>total</td><td>%d/%d up</td><td></td><td></td><td></td><td></td>"
+        "<td></td><td></td><td>%d</td><td>%d</td><td>%s</td><td>%s</td>%s</tr>"
+        % (t["up"], len(stats["backends"]), t["routed"], t["active"], human_bytes(t["bytes_up"]),
+           human_bytes(t["bytes_down"]),
+           "".join("<td>%d</td>" % t["responses"][c] for c in STATUS_CLASSES))
+    )
+    return PAGE % {
+        "title": "fastlb on %s" % esc(stats["listen"]),
+        "summary": esc(
+            "fastlb %s (%s bridge), %s, up %ds; %d connections accepted, %d in flight, %d queued; "
+            "%d answered 500 (no backend), %d answered 503 (queue full)"
+            % (stats["version"], stats["bridge"], stats["state"], stats["uptime"], stats["accepted"],
+               stats["inflight"], stats["queue_length"], stats["no_backend"], stats["queue_full"])
+        ),
+        "classes": "".join("<th>%s</th>" % c for c in STATUS_CLASSES),
+        "rows": "\n".join(rows),
+    }
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="2">
+<title>%(title)s</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.3em; margin: 0 0 .3em; }
+p { margin: 0 0 1em; color: #555; }
+table { border-collapse: collapse; }
+th, td { padding: .3em .6em; border: 1px solid #ccc; text-align: right; white-space: nowrap; }
+th { background: #eee; }
+td.name, td.reason, td.state { text-align: left; }
+tr.up td.state { background: #c8f0c8; }
+tr.down td.state { background: #f6c4c4; }
+tr.unknown td.state { background: #eee; }
+tr.totals { font-weight: bold; background: #f7f7f7; }
+</style></head>
+<body>
+<h1>%(title)s</h1>
+<p id="summary">%(summary)s</p>
+<table id="backends">
+<thead><tr><th rowspan="2">backend</th><th rowspan="2">state</th><th rowspan="2">since</th>
+<th rowspan="2">last change</th><th rowspan="2">probe</th><th rowspan="2">weight</th>
+<th colspan="2">reported</th><th colspan="2">connections</th><th colspan="2">bytes</th>
+<th colspan="6">responses</th></tr>
+<tr><th>entries</th><th>errors</th><th>routed</th><th>active</th><th>in</th><th>out</th>%(classes)s</tr>
+</thead>
+<tbody>
+%(rows)s
+</tbody></table>
+<p>Refreshes every 2 s. Also: <a href="stats.json">stats.json</a>, <a href="metrics">metrics</a>,
+<a href="healthz">healthz</a>.</p>
+</body></html>
+"""
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(stats: dict) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples) -> None:
+        out.append("# HELP %s %s" % (name, help_text))
+        out.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            label_text = ",".join('%s="%s"' % (k, _label(str(v))) for k, v in labels)
+            out.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "", _number(value)))
+
+    backends = stats["backends"]
+    family("fastlb_info", "gauge", "Version and active bridge.",
+           [((("version", stats["version"]), ("bridge", stats["bridge"])), 1)])
+    family("fastlb_accepting", "gauge", "1 while fastlb accepts traffic, 0 while it drains.",
+           [((), 1 if stats["state"] == "running" else 0)])
+    family("fastlb_accepted_connections_total", "counter", "Client connections accepted.",
+           [((), stats["accepted"])])
+    family("fastlb_no_backend_total", "counter", "Connections answered 500 because no backend was usable.",
+           [((), stats["no_backend"])])
+    family("fastlb_queue_full_total", "counter", "Connections answered 503 because the queue was full.",
+           [((), stats["queue_full"])])
+    family("fastlb_inflight_connections", "gauge", "Accepted connections not yet closed.",
+           [((), stats["inflight"])])
+    family("fastlb_queued_connections", "gauge", "Connections waiting for a worker.",
+           [((), stats["queue_length"])])
+
+    def per_backend(name, kind, help_text, key):
+        family(name, kind, help_text, [((("backend", b["backend"]),), key(b)) for b in backends])
+
+    per_backend("fastlb_backend_up", "gauge", "1 when the backend is up, else 0.",
+                lambda b: 1 if b["state"] == "up" else 0)
+    per_backend("fastlb_backend_weight", "gauge", "Configured weight.", lambda b: b["weight"])
+    per_backend("fastlb_backend_entries", "gauge",
+                "Entries as reported by the last probe plus connections routed since.",
+                lambda b: b["entries"])
+    per_backend("fastlb_backend_errors", "gauge", "Errors as reported by the last probe.",
+                lambda b: b["errors"])
+    per_backend("fastlb_backend_probe_latency_seconds", "gauge", "Duration of the last probe.",
+                lambda b: b["probe_latency"] if b["probe_latency"] is not None else float("nan"))
+    per_backend("fastlb_backend_connections_total", "counter", "Connections routed to the backend.",
+                lambda b: b["routed"])
+    per_backend("fastlb_backend_active_connections", "gauge", "Relays in progress.",
+                lambda b: b["active"])
+    per_backend("fastlb_backend_failures_total", "counter",
+                "Failed connects and server timeouts.", lambda b: b["failures"])
+    family("fastlb_backend_bytes_total", "counter", "Bytes relayed, by direction.",
+           [((("backend", b["backend"]), ("direction", d)), b["bytes_" + d])
+            for b in backends for d in ("up", "down")])
+    family("fastlb_backend_responses_total", "counter",
+           "Connections by status class of their first response.",
+           [((("backend", b["backend"]), ("class", c)), b["responses"][c])
+            for b in backends for c in STATUS_CLASSES])
+    out.append("# HELP fastlb_backend_connection_duration_seconds Duration of relayed connections.")
+    out.append("# TYPE fastlb_backend_connection_duration_seconds histogram")
+    for b in backends:
+        label = 'backend="%s"' % _label(b["backend"])
+        cumulative = 0
+        for bound, count in zip(DURATION_BUCKETS + (float("inf"),), b["durations"]):
+            cumulative += count
+            out.append('fastlb_backend_connection_duration_seconds_bucket{%s,le="%s"} %d'
+                       % (label, "+Inf" if bound == float("inf") else repr(bound), cumulative))
+        out.append("fastlb_backend_connection_duration_seconds_sum{%s} %s" % (label, _number(b["duration_sum"])))
+        out.append("fastlb_backend_connection_duration_seconds_count{%s} %d" % (label, cumulative))
+    return "\n".join(out) + "\n"
+
+
+def _number(value) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "NaN"
+        return repr(value)
+    return str(value)
+
+
+class AdminServer:
+    """Serves the admin endpoint from ``stats()`` in background threads."""
+
+    def __init__(self, address: str, stats: Callable[[], dict]):
+        host, _, port = address.rpartition(":")
+        self.stats = stats
+        admin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "fastlb-admin"
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # per-request logs stay off, as for the relay
+                pass
+
+            def do_HEAD(self):
+                self.do_GET(head=True)
+
+            def do_GET(self, head=False):
+                path = self.path.split("?", 1)[0]
+                stats = admin.stats()
+                status = 200
+                if path in ("/", "/index.html"):
+                    body, kind = render_page(stats), "text/html; charset=utf-8"
+                elif path == "/stats.json":
+                    body, kind = json.dumps(stats, indent=1), "application/json"
+                elif path == "/metrics":
+                    body, kind = render_metrics(stats), "text/plain; version=0.0.4; charset=utf-8"
+                elif path == "/healthz":
+                    status = 200 if stats["state"] == "running" else 503
+                    body, kind = stats["state"] + "\n", "text/plain; charset=utf-8"
+                else:
+                    status, body, kind = 404, "not found\n", "text/plain; charset=utf-8"
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        self.httpd = Server((host, int(port)), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="fastlb-admin",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
