@@ -30,7 +30,7 @@ from typing import Optional
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
 from fastlb.admin import AdminServer
-from fastlb.health import HealthChecker
+from fastlb.health import HealthChecker, probe
 from fastlb.pool import Backend, BackendPool
 from fastlb.settings import Address
 
@@ -200,6 +200,8 @@ class Balancer:
         # Connections arriving now wait in the kernel's backlog until the
         # first round says which backends are up.
         self.health.first_round()
+        up = sum(b.state == "up" for b in self.pool.backends)
+        log.info("first health round done: %d of %d backend(s) up", up, len(self.pool.backends))
         self.health.start()
         for i in range(self.config.threads):
             worker = threading.Thread(target=self._work, name="fastlb-worker-%d" % i, daemon=True)
@@ -368,15 +370,28 @@ class Balancer:
                     name == "port" and config.port == self.port):
                 log.warning("reload: %s changed; restart fastlb to apply it", name)
                 setattr(config, name, getattr(self.config, name))
-        added = self.pool.update(config.backends, config.requests, config.rise, config.fall)
+        # Probe the new backends before the swap, so traffic never meets a
+        # table whose only candidates are still unprobed.
+        known = {b.name for b in self.pool.backends if not b.removed}
+        fresh = {a.name: a for a in config.backends if a.name not in known}
+        first_probes: dict = {}
+
+        def first_probe(address):
+            started = time.monotonic()
+            result, reason = probe(address, config.probe_timeout)
+            first_probes[address.name] = (result, reason, time.monotonic() - started)
+
+        probes = [threading.Thread(target=first_probe, args=(a,), daemon=True) for a in fresh.values()]
+        for thread in probes:
+            thread.start()
+        for thread in probes:
+            thread.join()
+        added = self.pool.update(config.backends, config.requests, config.rise, config.fall,
+                                 first_probes)
         self.health.probe_timeout, self.health.interval = config.probe_timeout, config.interval
         self.config = config
         if self.access_log:
             self.access_log.reopen()
-        for backend in added:
-            if self.pool.begin_probe(backend):
-                threading.Thread(target=self.health.probe_backend, args=(backend,),
-                                 daemon=True).start()
         log.info("reload: %d backend(s), %d new", len(config.backends), len(added))
 
     # -- drain -------------------------------------------------------------------

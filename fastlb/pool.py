@@ -187,33 +187,39 @@ class BackendPool:
                     latency: Optional[float]) -> None:
         """Apply one probe's outcome: ``(errors, entries)`` when healthy, else None and a reason."""
         with self._lock:
-            backend.probing = False
-            backend.probe_latency = latency
-            if result is None:
-                backend.good_probes = 0
-                backend.bad_probes += 1
-                # An unprobed backend goes down on its first failure: it was never usable.
-                if backend.bad_probes >= self.fall or backend.state == UNKNOWN:
-                    self._locked_set_state(backend, DOWN, reason)
-                return
-            errors, entries = result
-            # Connections routed after the probe began may not be in the
-            # backend's own count yet; keep them in the estimate.
-            backend.errors = errors
-            backend.entries = entries + max(0, backend.routed - backend.probe_started_routed)
-            backend.bad_probes = 0
-            backend.good_probes += 1
-            # At start-up (state unknown) one good probe is enough, as in HAProxy.
-            if backend.good_probes >= self.rise or backend.state == UNKNOWN:
-                self._locked_set_state(backend, UP, "healthy (errors=%d entries=%d)" % (errors, entries))
+            self._locked_apply_probe(backend, result, reason, latency)
+
+    def _locked_apply_probe(self, backend: Backend, result: Optional[tuple[int, int]], reason: str,
+                            latency: Optional[float]) -> None:
+        backend.probing = False
+        backend.probe_latency = latency
+        if result is None:
+            backend.good_probes = 0
+            backend.bad_probes += 1
+            # An unprobed backend goes down on its first failure: it was never usable.
+            if backend.bad_probes >= self.fall or backend.state == UNKNOWN:
+                self._locked_set_state(backend, DOWN, reason)
+            return
+        errors, entries = result
+        # Connections routed after the probe began may not be in the
+        # backend's own count yet; keep them in the estimate.
+        backend.errors = errors
+        backend.entries = entries + max(0, backend.routed - backend.probe_started_routed)
+        backend.bad_probes = 0
+        backend.good_probes += 1
+        # At start-up (state unknown) one good probe is enough, as in HAProxy.
+        if backend.good_probes >= self.rise or backend.state == UNKNOWN:
+            self._locked_set_state(backend, UP, "healthy (errors=%d entries=%d)" % (errors, entries))
 
     def update(self, addresses: Sequence[Address], requests_per_round: int, rise: int,
-               fall: int) -> list[Backend]:
+               fall: int, first_probes: Optional[dict] = None) -> list[Backend]:
         """Replace the backend list after a reload; return the backends that are new.
 
         Backends that stay (same name, counted by occurrence for duplicates) keep
-        their state and counters; new ones start unprobed, so they get no traffic
-        before a healthy probe; removed ones take no new traffic and leave the
+        their state and counters.  New ones take the outcome of the probe made
+        before the swap (``first_probes``: name -> (result, reason, latency)), so
+        they get traffic only when healthy and the swap never leaves a moment
+        with nothing routable.  Removed ones take no new traffic and leave the
         table once their relays have finished.
         """
         with self._lock:
@@ -247,7 +253,9 @@ class BackendPool:
                 backend.index = len(kept) + i
             self.backends = kept + draining
             for backend in added:
-                log.info("backend %s added by reload; probing before use", backend.name)
+                log.info("backend %s added by reload", backend.name)
+                if first_probes and backend.name in first_probes:
+                    self._locked_apply_probe(backend, *first_probes[backend.name])
             return added
 
     def _locked_set_state(self, backend: Backend, state: str, reason: str) -> None:

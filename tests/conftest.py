@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(rb"listening on [^:\s]+:(\d+)")
 
 
+def child_env(extra=None) -> dict:
+    """The environment for fastlb child processes: this checkout first on the import path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.update(extra or {})
+    return env
+
+
 def _twins():
     twins = [pytest.param("python", id="python")]
     twins.append(pytest.param("cython", id="cython"))
@@ -74,9 +82,7 @@ class Proc:
         self.args = args
         self.log_path = tmp_path / ("%s-%d.log" % (name, time.monotonic_ns()))
         self._log = open(self.log_path, "wb")
-        full_env = dict(os.environ)
-        full_env.update(env or {})
-        self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+        self.popen = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=child_env(env),
                                       cwd=str(tmp_path))
         self.port = None
 
@@ -138,15 +144,14 @@ def procs(tmp_path):
             started.append(proc)
             if wait:
                 # Started once the first probe round has been applied.
-                proc.wait_for_log(r"listening on")
+                proc.wait_for_log(r"first health round done")
                 wait_until(lambda: port_accepts(port), 10, message="fastlb to accept")
             return proc
 
         def run(self, *args, env=None, timeout: float = 20.0) -> subprocess.CompletedProcess:
-            full_env = dict(os.environ)
-            full_env.update(env or {})
             return subprocess.run([sys.executable, "-m", "fastlb"] + [str(a) for a in args],
-                                  capture_output=True, text=True, timeout=timeout, env=full_env)
+                                  capture_output=True, text=True, timeout=timeout,
+                                  env=child_env(env))
 
     yield Factory()
     for proc in started:

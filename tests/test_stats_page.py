@@ -1,0 +1,85 @@
+"""The stats page in a real headless browser (Debian chromium driven by chromedriver).
+
+The page loads, shows every backend, and a backend killed during the test turns
+to "down" on its own (the page refreshes itself).  The screenshot it takes is
+the one in docs/operations.md (copied there when FASTLB_UPDATE_SCREENSHOT=1).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from conftest import ROOT, free_port, http_get, status_of
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser():
+    # scripts/test installs both; without them this test cannot run at all.
+    assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), \
+        "install Debian's chromium and chromium-driver (scripts/test does)"
+    profile = tempfile.mkdtemp(prefix="fastlb-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1400,330",
+                 "--user-data-dir=" + profile):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def row_states(driver) -> dict:
+    states = {}
+    for row in driver.find_elements(By.CSS_SELECTOR, "#backends tbody tr"):
+        cells = row.find_elements(By.TAG_NAME, "td")
+        if cells and cells[0].text != "total":
+            states[cells[0].text] = cells[1].text
+    return states
+
+
+def test_stats_page_shows_every_backend_and_a_killed_one_turns_down(procs, browser, tmp_path):
+    backends = []
+    for name in ("alpha", "beta", "gamma"):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "index.html").write_text(name)
+        backends.append(procs.backend(directory, name=name))
+    admin = free_port()
+    lb = procs.fastlb(*[b.port for b in backends], "--admin", admin, "--interval", "0.5")
+    for _ in range(30):
+        assert status_of(http_get(lb.port, "/index.html")) == 200
+
+    browser.get("http://127.0.0.1:%d/" % admin)
+    names = ["127.0.0.1:%d" % b.port for b in backends]
+    assert "fastlb on" in browser.title
+    assert row_states(browser) == {name: "up" for name in names}
+    summary = browser.find_element(By.ID, "summary").text
+    assert "connections accepted" in summary
+
+    backends[1].stop()  # SIGKILL, then reaped
+    WebDriverWait(browser, 15, poll_frequency=0.25).until(
+        lambda d: row_states(d).get(names[1]) == "down")
+    states = row_states(browser)
+    assert states == {names[0]: "up", names[1]: "down", names[2]: "up"}
+    reason = browser.find_element(By.CSS_SELECTOR, "#backends tbody tr.down td.reason").text
+    assert "refused" in reason
+
+    shot = tmp_path / "stats-page.png"
+    assert browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 5000
+    if os.environ.get("FASTLB_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shot, ROOT / "docs" / "stats-page.png")
