@@ -11,10 +11,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastlb.settings import settings_reference  # noqa: E402
+from fastlb.settings import SETTINGS, settings_reference  # noqa: E402
 
-BLOCK = re.compile(r"(<!-- options: [^\n]*-->\n).*?(<!-- /options -->)", re.S)
-FILES = [ROOT / "README.md", ROOT / "docs" / "design.md"]
+BLOCKS = {
+    "options": re.compile(r"(<!-- options: [^\n]*-->\n).*?(<!-- /options -->)", re.S),
+    "config": re.compile(r"(<!-- config: [^\n]*-->\n).*?(<!-- /config -->)", re.S),
+}
+FILES = [ROOT / "README.md", ROOT / "docs" / "design.md", ROOT / "docs" / "operations.md"]
+
+
+def config_reference() -> str:
+    """Every config-file key with its default, as a commented TOML file."""
+    lines = ["```toml", 'listen = "0.0.0.0:8000"          # LB_PORT, or "ADDR:PORT" (sets --bind too)',
+             'backends = ["8080", "10.0.0.2:8080", { address = "10.0.0.3:8080", weight = 2 }]', ""]
+    for setting in SETTINGS:
+        key = setting.flags[-1].lstrip("-")
+        default = setting.default
+        value = ('"%s"' % default) if isinstance(default, str) else repr(default)
+        lines.append("# %s" % setting.help)
+        lines.append("%s%s = %s" % ("" if default != "" else "# ", key, value))
+    lines.append("```")
+    return "\n".join(lines)
+
+
+GENERATORS = {"options": settings_reference, "config": config_reference}
 
 
 def main() -> int:
@@ -24,7 +44,9 @@ def main() -> int:
         if not path.exists():
             continue
         text = path.read_text()
-        updated = BLOCK.sub(lambda m: m.group(1) + settings_reference() + "\n" + m.group(2), text)
+        updated = text
+        for name, block in BLOCKS.items():
+            updated = block.sub(lambda m: m.group(1) + GENERATORS[name]() + "\n" + m.group(2), updated)
         if updated != text:
             stale.append(path)
             if not check:
