@@ -94,3 +94,17 @@ def test_option_tables_in_the_docs_match_the_settings_declaration():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout
+
+
+def test_config_reference_in_the_docs_is_a_valid_config_file(tmp_path):
+    from conftest import ROOT
+    from fastlb import configfile
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    reference = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "reference.toml"
+    path.write_text(reference)
+    values = configfile.load(str(path))
+    assert values["port"] == 8000 and len(values["backends"]) == 3
+    assert values["backends"][2].weight == 2
+    assert {s.name for s in SETTINGS if s.default != ""} <= set(values)
