@@ -1,0 +1,669 @@
+"""A small threaded HTTP/1.1 file server: the backend behind fastlb's demo, tests and benchmarks.
+
+fastlb routes each client to the backend reporting the fewest requests on
+``GET /healthcheck``.  This module is such a backend, standard library only, so
+the demo, the tests and the benchmarks need nothing else installed::
+
+    python -m fastlb.backend PORT [--dir DIR] [--host 127.0.0.1] [--timeout 30] [--verbose]
+
+It serves the files of one directory:
+
+- ``GET`` and ``HEAD`` a file (large files go out with ``sendfile``);
+- ``PUT`` a file: the body is written to a temporary file that is then renamed
+  over the target, so a reader sees the old file or the new one, never half of
+  it; ``201 Created`` for a new file, ``200 OK`` for a replaced one;
+- ``GET /healthcheck`` answers ``<errors>\\n<entries>\\n``: ``entries`` counts the
+  other requests answered, ``errors`` those answered with 4xx or 5xx.
+
+Status codes follow the classic course server: 400 for a malformed request,
+403 for a path leaving the directory, a directory or a permission error, 404,
+501 for other methods, 500 for anything unexpected.  Connections are kept alive
+(HTTP/1.1) unless the client says ``Connection: close`` or speaks HTTP/1.0.
+
+Design: ``socketserver`` accepts and runs one daemon thread per connection;
+``_Connection`` speaks the protocol.  ``http.server`` is not used because its
+answers disagree with the contract (414, 431 and 505 where 400 is required,
+HTML error pages) and its error paths print tracebacks; overriding all of that
+is more code than the request parsing below.  The counters are the only state
+shared between connection threads and are guarded by ``FileServer._lock``.
+Parsing (``read_request``, ``resolve_path``) is plain functions, testable
+without sockets.
+
+In-process use::
+
+    with FileServer("www") as server:
+        ...  # server.port, server.entries, server.errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import BinaryIO, Optional
+from urllib.parse import unquote_to_bytes
+
+__all__ = ["FileServer", "HTTPError", "Request", "main", "read_request", "resolve_path"]
+
+log = logging.getLogger("fastlb.backend")
+
+HEALTHCHECK_PATH = "/healthcheck"
+DEFAULT_TIMEOUT = 30.0
+# Request line plus headers.  Real clients send well under 1 KiB; 16 KiB is
+# nginx's order of magnitude and bounds what a hostile client can make us hold.
+MAX_HEAD_BYTES = 16 * 1024
+# Big enough that a multi-MiB PUT costs a handful of system calls per MiB.
+COPY_CHUNK = 1024 * 1024
+READ_BUFFER = 64 * 1024
+# Files up to this size go out in the same send() as the header: one system
+# call and, with TCP_NODELAY, no extra small packet per response.
+SMALL_FILE = 64 * 1024
+# How long an error answer waits for the client to stop sending before closing;
+# closing with unread input makes the kernel send a reset that can destroy the
+# answer before the client has read it.  Apache waits 2 s too.
+LINGER_SECONDS = 2.0
+# The default backlog of 5 drops connections under benchmark load.
+LISTEN_BACKLOG = 1024
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters except tab
+_DIGITS = re.compile(r"[0-9]{1,18}")  # 18 digits always fit in 63 bits
+
+
+class HTTPError(Exception):
+    """A request that is answered with an error status instead of being served."""
+
+    def __init__(self, status: int, detail: str = ""):
+        super().__init__(detail or HTTPStatus(status).phrase)
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The client connection failed or closed in the middle of a request.
+
+    Not an OSError, so that a failing file-system call cannot pass for a
+    client that went away: that one is a 500.
+    """
+
+
+@dataclass
+class Request:
+    """The head of one HTTP request, validated."""
+
+    method: str
+    target: str
+    version: str                      # "HTTP/1.0" or "HTTP/1.1"
+    headers: dict                     # lower-case name -> value; repeated fields joined by ", "
+    content_length: Optional[int]     # None when the request has no Content-Length
+    chunked: bool                     # a Transfer-Encoding we cannot frame
+    keep_alive: bool
+    expect_continue: bool
+
+
+def read_request(rfile: BinaryIO, limit: int = MAX_HEAD_BYTES) -> Optional[Request]:
+    """Read and parse one request head; None if the peer closed before sending one.
+
+    Raises HTTPError(400) for a malformed or oversized head, or one cut short by EOF.
+    """
+    budget = limit
+    lines = []
+    while True:
+        raw = rfile.readline(budget + 1)
+        if not raw:
+            if not lines:
+                return None
+            raise HTTPError(400, "connection closed inside the request head")
+        budget -= len(raw)
+        if budget < 0:
+            raise HTTPError(400, "request head larger than %d bytes" % limit)
+        if not raw.endswith(b"\n"):
+            raise HTTPError(400, "connection closed inside the request head")
+        # Bare LF line ends are accepted, as RFC 9112 section 2.2 allows.
+        line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        if not line:
+            if lines:
+                break
+            continue  # empty lines before the request line are tolerated (RFC 9112 section 2.2)
+        lines.append(line.decode("latin-1"))
+    method, target, version = parse_request_line(lines[0])
+    return build_request(method, target, version, parse_headers(lines[1:]))
+
+
+def parse_request_line(line: str) -> tuple:
+    """Split ``METHOD TARGET HTTP/1.x`` into its three parts."""
+    parts = line.split(" ")
+    if len(parts) != 3:
+        raise HTTPError(400, "request line is not METHOD TARGET VERSION")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise HTTPError(400, "bad method")
+    if not target or _CONTROL.search(target):
+        raise HTTPError(400, "bad request target")
+    match = _VERSION.fullmatch(version)
+    if not match or match.group(1) != "1":
+        raise HTTPError(400, "not HTTP/1.x")
+    # HTTP/1.2 and later minor versions are spoken to as HTTP/1.1 (RFC 9110 section 6.2).
+    return method, target, "HTTP/1.0" if match.group(2) == "0" else "HTTP/1.1"
+
+
+def parse_headers(lines: list) -> dict:
+    """Parse ``Name: value`` lines into a dict keyed by lower-case name."""
+    headers: dict = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        # A token check also rejects "Name :" and obsolete line folding, both
+        # of which RFC 9112 says to refuse because of request smuggling.
+        if not colon or not _TOKEN.fullmatch(name):
+            raise HTTPError(400, "malformed header line")
+        value = value.strip(" \t")
+        if _CONTROL.search(value):
+            raise HTTPError(400, "control character in header value")
+        key = name.lower()
+        headers[key] = "%s, %s" % (headers[key], value) if key in headers else value
+    return headers
+
+
+def build_request(method: str, target: str, version: str, headers: dict) -> Request:
+    """Derive body framing and connection handling from a parsed head."""
+    content_length = None
+    if "content-length" in headers:
+        # Repeated identical lengths are harmless; differing ones are an attack.
+        values = {value.strip() for value in headers["content-length"].split(",")}
+        if len(values) != 1 or not _DIGITS.fullmatch(next(iter(values))):
+            raise HTTPError(400, "bad Content-Length")
+        content_length = int(values.pop())
+    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    http11 = version == "HTTP/1.1"
+    return Request(
+        method=method,
+        target=target,
+        version=version,
+        headers=headers,
+        content_length=content_length,
+        chunked="transfer-encoding" in headers,
+        keep_alive=http11 and "close" not in connection,
+        expect_continue=http11 and headers.get("expect", "").lower() == "100-continue",
+    )
+
+
+def resolve_path(root: str, target: str) -> str:
+    """Map a request target to a path inside ``root`` (a real path), refusing to leave it.
+
+    Raises HTTPError(400) for a target that is not a path, HTTPError(403) for
+    one that climbs out with ``..`` or through a symbolic link.
+    """
+    path = target.partition("?")[0]
+    if not path.startswith("/"):
+        raise HTTPError(400, "request target is not an absolute path")
+    # Decode before splitting, so %2e%2e and %2f cannot smuggle a ".." past the check.
+    name = os.fsdecode(unquote_to_bytes(path))
+    if "\0" in name:
+        raise HTTPError(400, "NUL in path")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise HTTPError(403, "path leaves the served directory")
+    full = os.path.join(root, *parts)
+    if os.path.commonpath([root, os.path.realpath(full)]) != root:
+        raise HTTPError(403, "path leads out of the served directory")
+    return full
+
+
+def open_regular_file(path: str) -> BinaryIO:
+    """Open ``path`` for reading; HTTPError unless it is a readable regular file."""
+    try:
+        # O_NONBLOCK so that a FIFO in the directory cannot hang the thread in open().
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise _file_error(exc) from exc
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return open(fd, "rb")
+    except OSError as exc:
+        os.close(fd)
+        raise _file_error(exc) from exc
+    os.close(fd)
+    raise HTTPError(403, "not a regular file")
+
+
+def _file_error(exc: OSError) -> HTTPError:
+    """The answer for a failed file-system call."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+        return HTTPError(404)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EISDIR, errno.EROFS, errno.ENXIO):
+        return HTTPError(403)
+    log.warning("file system error: %s", exc)
+    return HTTPError(500, str(exc))
+
+
+class _Connection:
+    """One client connection: answers its requests in turn until either side is done."""
+
+    def __init__(self, server: FileServer, sock: socket.socket, peer: tuple):
+        self.server = server
+        self.sock = sock
+        self.peer = "%s:%s" % peer[:2]
+        self.rfile = sock.makefile("rb", buffering=READ_BUFFER)
+        self.buffer: Optional[memoryview] = None  # for request bodies, made on first use
+        self.body_left = 0           # bytes of the current request body not read yet
+        self.continue_sent = False
+        self.response_started = False
+        self.linger = False          # closing with client input possibly unread
+
+    def serve(self) -> None:
+        try:
+            self.sock.settimeout(self.server.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while self.serve_one():
+                pass
+            if self.linger:
+                self.lingering_close()
+        except (ClientGone, OSError) as exc:
+            # Timeouts, resets, broken pipes: the client's business, not worth a log line.
+            log.debug("connection from %s ended: %s", self.peer, exc)
+        finally:
+            self.rfile.close()
+
+    def serve_one(self) -> bool:
+        """Answer one request; True if the connection can carry another."""
+        self.response_started = False
+        try:
+            request = read_request(self.rfile)
+        except HTTPError as exc:
+            # The framing is lost after a malformed head: answer, then close.
+            self.linger = True
+            self.respond(None, exc.status, keep_alive=False)
+            return False
+        if request is None:
+            return False
+        self.body_left = request.content_length or 0
+        self.continue_sent = False
+        try:
+            return self.dispatch(request)
+        except HTTPError as exc:
+            return self.refuse(request, exc.status)
+        except ClientGone:
+            raise
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.target)
+            if self.response_started:
+                return False
+            return self.refuse(request, 500)
+
+    def dispatch(self, request: Request) -> bool:
+        if request.chunked:
+            raise HTTPError(501, "Transfer-Encoding is not supported")
+        if request.target.partition("?")[0] == HEALTHCHECK_PATH:
+            return self.healthcheck(request)
+        if request.method in ("GET", "HEAD"):
+            return self.get(request)
+        if request.method == "PUT":
+            return self.put(request)
+        raise HTTPError(501)
+
+    def healthcheck(self, request: Request) -> bool:
+        if request.method != "GET":
+            raise HTTPError(501, "only GET on %s" % HEALTHCHECK_PATH)
+        keep = self.finish_body(request)
+        errors, entries = self.server.counts()
+        body = b"%d\n%d\n" % (errors, entries)
+        self.respond(request, 200, body, keep_alive=keep, counted=False)
+        return keep
+
+    def get(self, request: Request) -> bool:
+        path = resolve_path(self.server.root, request.target)
+        with open_regular_file(path) as file:
+            try:
+                size = os.fstat(file.fileno()).st_size
+                data = file.read(size) if request.method == "GET" and size <= SMALL_FILE else None
+            except OSError as exc:
+                raise _file_error(exc) from exc
+            keep = self.finish_body(request)
+            kind = "application/octet-stream"
+            if data is not None:
+                self.respond(request, 200, data, keep_alive=keep, content_type=kind)
+                return keep
+            self.respond(request, 200, length=size, keep_alive=keep, content_type=kind)
+            if request.method == "HEAD":
+                return keep
+            try:
+                sent = self.sock.sendfile(file, 0, size)
+            except OSError as exc:
+                raise ClientGone(exc) from exc
+            # A file truncated behind our back leaves the body short; only closing tells the client.
+            return sent == size and keep
+
+    def put(self, request: Request) -> bool:
+        path = resolve_path(self.server.root, request.target)
+        if request.content_length is None:
+            raise HTTPError(400, "PUT needs a Content-Length")
+        if os.path.isdir(path):
+            raise HTTPError(403, "is a directory")
+        directory, name = os.path.split(path)
+        # Hidden and in the same directory, so the rename is atomic; O_EXCL and a
+        # random suffix keep concurrent PUTs of one name apart; mode 0o666 lets
+        # the umask decide the permissions, as for any new file.
+        temp = os.path.join(directory, ".%s.%s.part" % (name, secrets.token_hex(8)))
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as exc:
+            raise _file_error(exc) from exc
+        renamed = False
+        try:
+            try:
+                if request.expect_continue and self.body_left:
+                    self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.continue_sent = True
+                self.receive_body(fd)
+            finally:
+                os.close(fd)
+            # No fsync: readers must never see a partial file, which the rename
+            # guarantees; surviving a power cut is not this server's job.
+            created = not os.path.lexists(path)
+            try:
+                os.replace(temp, path)
+            except OSError as exc:
+                raise _file_error(exc) from exc
+            renamed = True
+        finally:
+            if not renamed:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
+        status = 201 if created else 200
+        self.respond(request, status, b"Created\n" if created else b"OK\n", keep_alive=request.keep_alive)
+        return request.keep_alive
+
+    def receive_body(self, fd: Optional[int]) -> None:
+        """Read the rest of the request body into file descriptor ``fd``, or drop it if None."""
+        if self.buffer is None and self.body_left:
+            self.buffer = memoryview(bytearray(COPY_CHUNK))
+        while self.body_left:
+            try:
+                count = self.rfile.readinto1(self.buffer[:min(self.body_left, COPY_CHUNK)])
+            except OSError as exc:
+                raise ClientGone(exc) from exc
+            if not count:
+                raise ClientGone("closed with %d body bytes missing" % self.body_left)
+            self.body_left -= count
+            if fd is not None:
+                # os.write, not a buffered file: a full disk must fail here, as
+                # a 500, and not later in a flush that looks like a socket error.
+                chunk = self.buffer[:count]
+                try:
+                    while chunk:
+                        chunk = chunk[os.write(fd, chunk):]
+                except OSError as exc:
+                    raise _file_error(exc) from exc
+
+    def finish_body(self, request: Request) -> bool:
+        """Drop what is left of the request body; True if the connection can be kept."""
+        if request.chunked or (self.body_left and request.expect_continue and not self.continue_sent):
+            # No length to skip by, or a client holding its body back until a
+            # Continue that will not come: only closing ends this request.
+            self.linger = True
+            return False
+        self.receive_body(None)
+        return request.keep_alive
+
+    def refuse(self, request: Request, status: int) -> bool:
+        """Answer ``status`` instead of serving; True if the connection can be kept."""
+        keep = self.finish_body(request)
+        self.linger = self.linger or not keep
+        self.respond(request, status, keep_alive=keep)
+        return keep
+
+    def respond(self, request: Optional[Request], status: int, body: Optional[bytes] = None, *,
+                keep_alive: bool, length: Optional[int] = None,
+                content_type: str = "text/plain; charset=utf-8", counted: bool = True) -> None:
+        """Send the status line, headers and ``body`` (default: the reason phrase).
+
+        ``length`` announces a body sent separately.  A HEAD answer gets the
+        headers of the GET answer without its body.
+        """
+        phrase = HTTPStatus(status).phrase
+        if body is None:
+            body = b"" if length is not None else phrase.encode("ascii") + b"\n"
+        if length is None:
+            length = len(body)
+        head = "HTTP/1.1 %d %s\r\nContent-Length: %d\r\nContent-Type: %s\r\n%s\r\n" % (
+            status, phrase, length, content_type, "" if keep_alive else "Connection: close\r\n")
+        if request is not None and request.method == "HEAD":
+            body = b""
+        if counted:
+            # Counted before sending, so a client holding the answer knows the
+            # count already includes it.
+            self.server.record(status)
+        self.response_started = True
+        self.send(head.encode("latin-1") + body)
+        if self.server.log_requests:
+            line = "%s %s %s" % (request.method, request.target, request.version) if request else "-"
+            log.info('%s "%s" %d %d', self.peer, line, status, length)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ClientGone(exc) from exc
+
+    def lingering_close(self) -> None:
+        """Half-close, then drain the client's input for a while before the socket is closed."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self.sock.settimeout(remaining)
+                if not self.sock.recv(READ_BUFFER):
+                    return
+        except OSError:
+            pass
+
+
+class _Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """Accepts connections and hands each to a daemon thread running ``_Connection``."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple, owner: FileServer):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.owner = owner
+        super().__init__(address, None)  # no handler class: finish_request does the work
+
+    def finish_request(self, request, client_address) -> None:
+        self.owner.serve_connection(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:
+        # Only a bug gets here (client failures are handled in _Connection), so keep the traceback.
+        log.exception("unexpected error on the connection from %s", client_address)
+
+
+class FileServer:
+    """Serve one directory over HTTP/1.1 from background threads.
+
+    ``start()`` binds and starts accepting (OSError if the address is taken);
+    ``stop()`` stops accepting and cuts the open connections.  Usable as a
+    context manager.  ``entries`` and ``errors`` are what ``/healthcheck`` reports.
+    """
+
+    def __init__(self, directory: str = ".", port: int = 0, host: str = "127.0.0.1",
+                 timeout: float = DEFAULT_TIMEOUT, log_requests: bool = False):
+        self.root = os.path.realpath(directory)
+        if not os.path.isdir(self.root):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
+        self.host = host
+        self.timeout = timeout
+        self.log_requests = log_requests
+        self._port = port
+        self._lock = threading.Lock()  # guards the four fields below
+        self._entries = 0
+        self._errors = 0
+        self._sockets: set = set()     # open client connections, cut by stop()
+        self._listener: Optional[_Listener] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on: the real one once started, even when 0 was asked for."""
+        return self._port
+
+    @property
+    def entries(self) -> int:
+        with self._lock:
+            return self._entries
+
+    @property
+    def errors(self) -> int:
+        with self._lock:
+            return self._errors
+
+    def counts(self) -> tuple:
+        """``(errors, entries)`` taken together, as /healthcheck reports them."""
+        with self._lock:
+            return self._errors, self._entries
+
+    def record(self, status: int) -> None:
+        """Count one answered request."""
+        with self._lock:
+            self._entries += 1
+            if status >= 400:
+                self._errors += 1
+
+    def start(self) -> FileServer:
+        if self._listener is not None:
+            raise RuntimeError("FileServer already started")
+        self._listener = _Listener((self.host, self._port), self)
+        self._port = self._listener.server_address[1]
+        self._thread = threading.Thread(target=self._listener.serve_forever, daemon=True,
+                                        name="fastlb-backend:%d" % self._port)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.shutdown()
+        listener.server_close()
+        self._thread.join()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            # shutdown, not close: the connection thread still owns the descriptor.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def serve_connection(self, sock: socket.socket, peer: tuple) -> None:
+        """Answer requests on one accepted connection until it ends (runs in its own thread)."""
+        with self._lock:
+            self._sockets.add(sock)
+        try:
+            _Connection(self, sock, peer).serve()
+        finally:
+            with self._lock:
+                self._sockets.discard(sock)
+
+    def __enter__(self) -> FileServer:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def _port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid port %r" % text) from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("port %d is outside 0..65535" % value)
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid number of seconds %r" % text) from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("timeout must be positive, not %s" % text)
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastlb-backend",
+        description="Serve a directory over HTTP/1.1 (GET, HEAD, PUT) with a fastlb /healthcheck.",
+    )
+    parser.add_argument("port", type=_port_number, metavar="PORT",
+                        help="TCP port to listen on; 0 picks a free one (the start-up line shows it)")
+    parser.add_argument("--dir", default=".", metavar="DIR",
+                        help="directory to serve (default: the current directory)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help="close a connection idle this long (default: %g)" % DEFAULT_TIMEOUT)
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="log every request to stderr")
+    verbosity.add_argument("-q", "--quiet", dest="verbose", action="store_false",
+                           help="log only the start-up line and errors (the default)")
+    return parser
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Run the server until SIGTERM or SIGINT; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.dir):
+        parser.error("--dir %s is not a directory" % args.dir)
+    logging.basicConfig(stream=sys.stderr, format="fastlb-backend: %(message)s",
+                        level=logging.INFO if args.verbose else logging.WARNING)
+    server = FileServer(args.dir, args.port, args.host, args.timeout, log_requests=args.verbose)
+    # Block the stop signals before any thread exists: every thread inherits
+    # the mask and only sigwait() below receives them, so no handler or
+    # KeyboardInterrupt ever fires in the middle of a request.
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        try:
+            server.start()
+        except OSError as exc:
+            print("fastlb-backend: cannot listen on %s:%d: %s"
+                  % (args.host, args.port, exc.strerror or exc), file=sys.stderr)
+            return 1
+        print("fastlb-backend listening on %s:%d serving %s" % (args.host, server.port, server.root),
+              file=sys.stderr, flush=True)
+        signal.sigwait(stop_signals)
+        server.stop()
+        return 0
+    finally:
+        # Swallow a second signal that arrived while stopping, so that
+        # unblocking does not deliver it as a traceback or a kill.
+        while signal.sigpending() & stop_signals:
+            signal.sigwait(stop_signals)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
