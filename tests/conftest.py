@@ -49,6 +49,16 @@ def bridge_impl(request):
     return importlib.import_module("fastlb._bridge")
 
 
+@pytest.fixture(params=_twins())
+def engine_impl(request):
+    """The relay-engine module under test: each test using it runs once per twin."""
+    if request.param == "python":
+        return importlib.import_module("fastlb._engine_py")
+    if os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
+        pytest.skip("FASTLB_NO_EXTENSIONS is set: the compiled twin is not under test")
+    return importlib.import_module("fastlb._engine")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

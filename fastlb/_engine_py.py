@@ -1,0 +1,438 @@
+"""Pure-Python twin of the relay engine: one event loop relaying many connections.
+
+Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
+
+- Who runs where.  ``Engine.run`` runs in one worker thread and owns an epoll
+  selector.  Any thread may call ``add`` (the accept loop does) and ``stop``;
+  both only append to a deque and wake the loop through a socketpair.
+- Who owns which descriptor.  A client socket belongs to the engine from the
+  moment ``add`` is called; the backend socket is created by the engine.  Both
+  are closed by the engine, exactly once, in ``_close`` — when the relay is
+  over, when fastlb's own answer has been lingered out, or when a timeout hits.
+- Per connection: WAIT (until the client's first byte; a client that closes or
+  stays silent for ``client_timeout`` never costs a backend), CONNECTING (non-
+  blocking connect to the backend the router chose; a failure marks it down
+  and the next one is tried, each at most once), RELAYING (two buffered
+  directions), LINGER (after fastlb's own 500: half-close, read and discard
+  what the client still sends for a moment, then close).
+- Relaying.  Each direction reads into a buffer bounded by ``BUFFER_LIMIT`` and
+  writes straight through when the peer accepts; a side whose peer is not
+  draining is not read (back-pressure).  EOF on one side is passed on as a
+  shutdown(SHUT_WR) once its buffer is flushed (half-close); the relay ends
+  when both directions have, or on an error.
+- Timeouts are checked every ``TICK`` seconds against one deadline per
+  connection (cheap: a float per event, one pass over the connections per tick).
+- The router (``fastlb.balancer.Router``) is the only way back into fastlb:
+  ``choose``, ``connect_failed`` and ``finished``.  These are the only moments
+  the compiled twin takes the GIL.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import selectors
+import socket
+import time
+
+from fastlb._bridge_py import STATUS_PREFIX_LEN, parse_status_line
+
+# One recv per readable event.  64 KiB matches the loopback socket buffer
+# granularity; the Python twin pays per call, so fewer, larger reads win.
+READ_SIZE = 65536
+# Bytes a direction may hold for a peer that is not draining before we stop
+# reading its source (back-pressure): four reads' worth.
+BUFFER_LIMIT = 4 * READ_SIZE
+# How often deadlines are checked; timeouts are accurate to this.
+TICK = 0.1
+# After fastlb's own answer: how long and how much we read before closing, so
+# the client's unread request cannot turn our close into a RST (nginx's
+# lingering close).
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 20
+
+RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+
+WAIT, CONNECTING, RELAYING, LINGER = "wait", "connecting", "relaying", "linger"
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+
+class _Conn:
+    __slots__ = (
+        "client", "server", "addr", "state", "token", "tried", "accepted", "started", "deadline",
+        "up", "down", "up_eof", "down_eof", "up_shut", "down_shut", "bytes_up", "bytes_down",
+        "status", "head", "last_up", "client_mask", "server_mask", "lingered", "answered",
+    )
+
+    def __init__(self, client: socket.socket, addr, now: float, client_timeout: float):
+        self.client, self.server, self.addr = client, None, addr
+        self.state = WAIT
+        self.token = None
+        self.tried: list = []
+        self.accepted = self.started = now
+        self.deadline = now + client_timeout
+        self.up = bytearray()             # client -> backend, not yet written
+        self.down = bytearray()           # backend -> client, not yet written
+        self.up_eof = self.down_eof = False
+        self.up_shut = self.down_shut = False
+        self.bytes_up = self.bytes_down = 0
+        self.status = -1                  # first response status, -1 until known
+        self.head = b""
+        self.last_up = now
+        self.client_mask = self.server_mask = 0
+        self.lingered = 0
+        self.answered = 0                 # status of fastlb's own answer, if any
+
+
+class Engine:
+    """An event loop relaying many client/backend pairs (see the module comment)."""
+
+    def __init__(self, router, server_timeout: float, idle_timeout: float, client_timeout: float,
+                 connect_timeout: float, splice=None):
+        self.router = router
+        self.server_timeout, self.idle_timeout = server_timeout, idle_timeout
+        self.client_timeout, self.connect_timeout = client_timeout, connect_timeout
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, READ, None)
+        self._incoming: collections.deque = collections.deque()
+        self._conns: set[_Conn] = set()
+        self._stopping = False
+        self.active = 0                   # connections owned: read by the accept loop, unlocked
+
+    # -- any thread ------------------------------------------------------------------
+
+    def add(self, client: socket.socket, addr=None) -> None:
+        """Hand a freshly accepted client socket to this engine, which now owns it."""
+        self.active += 1
+        self._incoming.append((client, addr))
+        self._wake()
+
+    def stop(self) -> None:
+        """Return from ``run`` once every connection has finished."""
+        self._stopping = True
+        self._wake()
+
+    def set_timeouts(self, server_timeout: float, idle_timeout: float, client_timeout: float,
+                     connect_timeout: float) -> None:
+        self.server_timeout, self.idle_timeout = server_timeout, idle_timeout
+        self.client_timeout, self.connect_timeout = client_timeout, connect_timeout
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closing
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        next_tick = time.monotonic() + TICK
+        try:
+            while not (self._stopping and not self._conns and not self._incoming):
+                events = self._selector.select(max(0.0, next_tick - time.monotonic()))
+                for key, mask in events:
+                    conn = key.data
+                    if conn is None:
+                        self._drain_wake()
+                    elif conn.state is not None:
+                        self._on_event(conn, key.fileobj is conn.client, mask)
+                while self._incoming:
+                    self._accept(*self._incoming.popleft())
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + TICK
+                    for conn in [c for c in self._conns if c.deadline <= now]:
+                        self._on_timeout(conn, now)
+        finally:
+            for conn in list(self._conns):
+                self._close(conn, "client_error")
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _accept(self, client: socket.socket, addr) -> None:
+        conn = _Conn(client, addr, time.monotonic(), self.client_timeout)
+        self._conns.add(conn)
+        try:
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self._close(conn, "client_error")
+            return
+        self._watch(conn, READ, 0)
+
+    # -- interest bookkeeping --------------------------------------------------------------
+
+    def _watch(self, conn: _Conn, client_mask: int, server_mask: int) -> None:
+        for sock, old, new, attr in ((conn.client, conn.client_mask, client_mask, "client_mask"),
+                                     (conn.server, conn.server_mask, server_mask, "server_mask")):
+            if sock is None or old == new:
+                continue
+            if not old:
+                self._selector.register(sock, new, conn)
+            elif not new:
+                self._selector.unregister(sock)
+            else:
+                self._selector.modify(sock, new, conn)
+            setattr(conn, attr, new)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _on_event(self, conn: _Conn, from_client: bool, mask: int) -> None:
+        if conn.state is WAIT:
+            self._on_first_byte(conn)
+        elif conn.state is CONNECTING:
+            self._on_connected(conn)
+        elif conn.state is RELAYING:
+            self._on_relay(conn, from_client, mask)
+        elif conn.state is LINGER:
+            self._on_linger(conn)
+
+    def _on_first_byte(self, conn: _Conn) -> None:
+        try:
+            first = conn.client.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn, "client_error")
+            return
+        if not first:
+            self._close(conn, "client_closed")
+            return
+        self._watch(conn, 0, 0)
+        self._connect_next(conn)
+
+    def _connect_next(self, conn: _Conn) -> None:
+        """Connect to the best backend not tried yet, or answer 500 when none is left."""
+        while True:
+            choice = self.router.choose(conn.tried)
+            if choice is None:
+                self._answer(conn, RESPONSE_500, 500)
+                return
+            token, family, ip, port = choice
+            conn.token = token
+            conn.tried.append(token)
+            server = socket.socket(family, socket.SOCK_STREAM)
+            server.setblocking(False)
+            code = server.connect_ex((ip, port))
+            if code in (0, errno.EINPROGRESS):
+                conn.server = server
+                conn.state = CONNECTING
+                conn.deadline = time.monotonic() + self.connect_timeout
+                self._watch(conn, 0, WRITE)
+                return
+            server.close()
+            self.router.connect_failed(token, _connect_reason(code))
+            conn.token = None
+
+    def _on_connected(self, conn: _Conn) -> None:
+        code = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._connect_failed(conn, _connect_reason(code))
+            return
+        conn.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.state = RELAYING
+        conn.started = conn.last_up = time.monotonic()
+        conn.deadline = conn.started + self.server_timeout
+        self._update(conn)
+
+    def _connect_failed(self, conn: _Conn, reason: str) -> None:
+        self._watch(conn, conn.client_mask, 0)
+        conn.server.close()
+        conn.server = None
+        conn.server_mask = 0
+        self.router.connect_failed(conn.token, reason)
+        conn.token = None
+        self._connect_next(conn)
+
+    def _on_relay(self, conn: _Conn, from_client: bool, mask: int) -> None:
+        end = None
+        if mask & READ:
+            end = self._pump(conn, from_client)
+        if end is None and mask & WRITE:
+            end = self._flush(conn, not from_client)
+        if end is not None:
+            self._finish(conn, end)
+        else:
+            self._update(conn)
+
+    def _pump(self, conn: _Conn, from_client: bool):
+        """Read once from one side and pass it on; return an end reason or None."""
+        src, dst = (conn.client, conn.server) if from_client else (conn.server, conn.client)
+        try:
+            data = src.recv(READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return "client_error" if from_client else "server_error"
+        if not data:
+            if from_client:
+                conn.up_eof = True
+            else:
+                conn.down_eof = True
+            return None
+        now = time.monotonic()
+        if from_client:
+            conn.bytes_up += len(data)
+            pending = conn.up
+        else:
+            conn.bytes_down += len(data)
+            pending = conn.down
+            if conn.status < 0:
+                conn.head += data[: STATUS_PREFIX_LEN - len(conn.head)]
+                code = parse_status_line(conn.head)
+                if code != 0 or len(conn.head) >= STATUS_PREFIX_LEN:
+                    conn.status = max(code, 0)
+        conn.deadline = now + self.idle_timeout
+        if not pending:
+            try:
+                sent = dst.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return "server_error" if from_client else "client_error"
+            if from_client and sent:
+                conn.last_up = now
+            data = data[sent:]
+        if data:
+            pending += data
+        return None
+
+    def _flush(self, conn: _Conn, to_server: bool):
+        """Write what one direction holds; return an end reason or None."""
+        pending, dst = (conn.up, conn.server) if to_server else (conn.down, conn.client)
+        if not pending:
+            return None
+        try:
+            sent = dst.send(pending)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return "server_error" if to_server else "client_error"
+        del pending[:sent]
+        now = time.monotonic()
+        if to_server:
+            conn.last_up = now
+        conn.deadline = now + self.idle_timeout
+        return None
+
+    def _update(self, conn: _Conn) -> None:
+        """Pass on finished directions, recompute interests and the deadline; end when both are done."""
+        if conn.up_eof and not conn.up and not conn.up_shut:
+            conn.up_shut = True
+            _shutdown_write(conn.server)
+        if conn.down_eof and not conn.down and not conn.down_shut:
+            conn.down_shut = True
+            _shutdown_write(conn.client)
+        if conn.up_shut and conn.down_shut:
+            self._finish(conn, "done")
+            return
+        client_mask = (READ if not conn.up_eof and len(conn.up) < BUFFER_LIMIT else 0) | \
+                      (WRITE if conn.down else 0)
+        server_mask = (READ if not conn.down_eof and len(conn.down) < BUFFER_LIMIT else 0) | \
+                      (WRITE if conn.up else 0)
+        self._watch(conn, client_mask, server_mask)
+        if conn.bytes_down == 0 and not conn.down_eof:
+            conn.deadline = conn.last_up + self.server_timeout
+
+    def _on_timeout(self, conn: _Conn, now: float) -> None:
+        if conn.state is WAIT:
+            self._close(conn, "client_timeout")
+        elif conn.state is CONNECTING:
+            self._connect_failed(conn, "connect timeout (%gs)" % self.connect_timeout)
+        elif conn.state is RELAYING:
+            waiting = conn.bytes_down == 0 and not conn.down_eof
+            self._finish(conn, "server_timeout" if waiting else "idle_timeout")
+        elif conn.state is LINGER:
+            self._close(conn, "")
+
+    # -- endings ------------------------------------------------------------------------------
+
+    def _finish(self, conn: _Conn, end: str) -> None:
+        """The relay is over: report it, and answer 500 if the backend failed before its first byte."""
+        if conn.bytes_down == 0 and end in ("server_timeout", "server_error"):
+            self._drop_server(conn)
+            self._report(conn, end, 500)
+            self._answer(conn, RESPONSE_500, 0)
+            return
+        self._close(conn, end)
+
+    def _answer(self, conn: _Conn, response: bytes, status: int) -> None:
+        """Send fastlb's own answer, half-close, and linger before closing."""
+        self._drop_server(conn)
+        conn.answered = status
+        try:
+            conn.client.send(response)
+            conn.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn, "client_error")
+            return
+        conn.state = LINGER
+        conn.deadline = time.monotonic() + LINGER_SECONDS
+        self._watch(conn, READ, 0)
+
+    def _on_linger(self, conn: _Conn) -> None:
+        try:
+            data = conn.client.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered >= LINGER_BYTES:
+            self._close(conn, "")
+
+    def _drop_server(self, conn: _Conn) -> None:
+        if conn.server is not None:
+            self._watch(conn, conn.client_mask, 0)
+            conn.server.close()
+            conn.server = None
+
+    def _report(self, conn: _Conn, end: str, status: int) -> None:
+        self.router.finished(conn.token, conn.addr, conn.bytes_up, conn.bytes_down, status, end,
+                             time.monotonic() - conn.accepted)
+        conn.token = None
+        conn.tried = []
+
+    def _close(self, conn: _Conn, end: str) -> None:
+        """Close both sockets once and report the connection (unless already reported)."""
+        if conn.state is None:
+            return
+        self._watch(conn, 0, 0)
+        if conn.server is not None:
+            conn.server.close()
+            conn.server = None
+        conn.client.close()
+        if end:
+            status = conn.answered or max(conn.status, 0)
+            self._report(conn, end, status)
+        elif conn.answered:
+            self._report(conn, "no_backend", conn.answered)
+        conn.state = None
+        self._conns.discard(conn)
+        self.active -= 1
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _connect_reason(code: int) -> str:
+    if code == errno.ECONNREFUSED:
+        return "connection refused"
+    if code == errno.ETIMEDOUT:
+        return "connect timeout"
+    return "connect failed: %s" % errno.errorcode.get(code, str(code))
