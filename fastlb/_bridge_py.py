@@ -286,7 +286,7 @@ def relay(client: socket.socket, server: socket.socket, server_timeout: float,
                     pass
                 continue
             if not upstream and status < 0:
-                head += bytes(view[: STATUS_PREFIX_LEN - len(head)])
+                head += bytes(view[: min(n, STATUS_PREFIX_LEN - len(head))])
                 code = parse_status_line(head)
                 if code != 0 or len(head) >= STATUS_PREFIX_LEN:
                     status = max(code, 0)

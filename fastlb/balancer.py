@@ -45,6 +45,12 @@ RESPONSE_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1 << 20
 
+# How long a connection waits for the results of the probe round triggered
+# before it was accepted: far more than a healthy backend takes to answer a
+# probe, little enough that a hung backend (probed once per probe timeout) is
+# only a small hiccup.
+ROUND_WAIT = 0.25
+
 
 def _peer(addr) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
@@ -252,12 +258,14 @@ class Balancer:
                 self._dispatch(conn, addr)
 
     def _dispatch(self, conn: socket.socket, addr) -> None:
+        # This connection is routed after the rounds triggered before it.
+        asked = self.pool.rounds_asked()
         if self.pool.count_accept():
             self.health.trigger()
         with self._idle:
             self._inflight += 1
         try:
-            self.queue.put_nowait((conn, addr, time.monotonic()))
+            self.queue.put_nowait((conn, addr, time.monotonic(), asked))
         except queue.Full:
             self._finished()
             self.pool.count_queue_full()
@@ -278,10 +286,10 @@ class Balancer:
 
     def _work(self) -> None:
         while True:
-            conn, addr, accepted = self.queue.get()
+            conn, addr, accepted, asked = self.queue.get()
             outcome = None
             try:
-                outcome = self.handle(conn)
+                outcome = self.handle(conn, asked)
             except Exception:
                 log.exception("unexpected error while relaying")
             finally:
@@ -292,8 +300,11 @@ class Balancer:
                 self.access_log.record(_peer(addr), backend, up, down,
                                        time.monotonic() - accepted, status, end)
 
-    def handle(self, conn: socket.socket):
+    def handle(self, conn: socket.socket, asked: int = 0):
         """Serve one client connection from first byte to close.
+
+        ``asked`` is the number of count-triggered probe rounds asked for
+        before this connection was accepted; it is routed once they are done.
 
         Returns ``(backend name, bytes up, bytes down, status, end)`` for the access log.
         """
@@ -309,6 +320,10 @@ class Balancer:
         except OSError:
             return "", 0, 0, 0, "client_error"
 
+        if asked:
+            # The probe triggered by the previous connection may still be on
+            # its way (SPEC §2); wait for it, but never long for a hung one.
+            self.pool.wait_for_round(asked, min(ROUND_WAIT, cfg.probe_timeout))
         tried: list[Backend] = []
         while True:
             backend = self.pool.choose(tried)

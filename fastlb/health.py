@@ -87,17 +87,37 @@ class HealthChecker:
         self.pool.apply_probe(backend, result, reason, time.monotonic() - started)
 
     def start_round(self) -> list[threading.Thread]:
-        """Start probing every backend not already being probed; return the probe threads."""
+        """Start probing every backend not already being probed; return the probe threads.
+
+        Once the last probe started here is applied the pool is told, so the
+        connections waiting for fresh figures are routed (``BackendPool.wait_for_round``).
+        """
         self.rounds += 1
+        entry = self.pool.begin_round()
+        claimed = [backend for backend in self.pool.backends if self.pool.begin_probe(backend)]
+        left = [len(claimed)]
+        left_lock = threading.Lock()
+
+        def probe_and_count(backend: Backend) -> None:
+            try:
+                self.probe_backend(backend)
+            finally:
+                with left_lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    self.pool.finish_round(entry)
+
+        if not claimed:
+            self.pool.finish_round(entry)
         threads = []
-        for backend in self.pool.backends:
-            if self.pool.begin_probe(backend):
-                thread = threading.Thread(
-                    target=self.probe_backend, args=(backend,), daemon=True,
-                    name="fastlb-probe-%s" % backend.name,
-                )
-                thread.start()
-                threads.append(thread)
+        for backend in claimed:
+            thread = threading.Thread(
+                target=probe_and_count, args=(backend,), daemon=True,
+                name="fastlb-probe-%s" % backend.name,
+            )
+            thread.start()
+            threads.append(thread)
         return threads
 
     def first_round(self) -> None:

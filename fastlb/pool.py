@@ -108,6 +108,15 @@ class BackendPool:
         self.accepted = 0
         self.no_backend = 0           # connections answered with the 500
         self.queue_full = 0           # connections answered with the 503
+        # A connection accepted after a count-triggered round was asked for is
+        # routed once the first round begun after that trigger is applied (see
+        # ``wait_for_round``).  Rounds still to be applied are kept as
+        # [rounds asked when it began, applied?], oldest first; every trigger
+        # up to ``_rounds_applied`` has had its round applied.
+        self._rounds_asked = 0
+        self._rounds: list[list] = []
+        self._rounds_applied = 0
+        self._round_done = threading.Condition(self._lock)
 
     # -- accept loop -------------------------------------------------------
 
@@ -118,10 +127,35 @@ class BackendPool:
             self._accepted_since_round += 1
             if self._accepted_since_round >= self._requests_per_round:
                 self._accepted_since_round = 0
+                self._rounds_asked += 1
                 return True
             return False
 
+    def rounds_asked(self) -> int:
+        """How many count-triggered probe rounds have been asked for so far."""
+        with self._lock:
+            return self._rounds_asked
+
     # -- workers -------------------------------------------------------------
+
+    def wait_for_round(self, asked: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the first round begun after trigger ``asked`` to be applied.
+
+        SPEC §2: a probe triggered by one connection has finished before the
+        next connection is routed.  The wait releases the lock, and is bounded
+        so that a hung backend's probe holds a client back only briefly.
+        """
+
+        def locked_applied() -> bool:
+            if asked <= self._rounds_applied:
+                return True
+            for round_asked, applied in self._rounds:
+                if round_asked >= asked:
+                    return applied
+            return False
+
+        with self._round_done:
+            return self._round_done.wait_for(locked_applied, timeout)
 
     def choose(self, exclude: Sequence[Backend] = ()) -> Optional[Backend]:
         """Choose a backend for a new connection and count it there; None if none is usable."""
@@ -173,6 +207,23 @@ class BackendPool:
             self.queue_full += 1
 
     # -- health checker ------------------------------------------------------
+
+    def begin_round(self) -> list:
+        """Record the start of a probe round; hand the result to ``finish_round``."""
+        with self._lock:
+            entry = [self._rounds_asked, False]
+            # A round begun with no trigger since the previous one is nobody's first.
+            if not self._rounds or self._rounds[-1][0] < entry[0]:
+                self._rounds.append(entry)
+            return entry
+
+    def finish_round(self, entry: list) -> None:
+        """Every probe claimed by the round ``entry`` (from ``begin_round``) has been applied."""
+        with self._round_done:
+            entry[1] = True
+            while self._rounds and self._rounds[0][1]:
+                self._rounds_applied = self._rounds.pop(0)[0]
+            self._round_done.notify_all()
 
     def begin_probe(self, backend: Backend) -> bool:
         """Claim ``backend`` for a probe; False if its previous probe is still running."""

@@ -14,7 +14,6 @@ import tempfile
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import ROOT, free_port, http_get, status_of
@@ -43,12 +42,15 @@ def browser():
 
 
 def row_states(driver) -> dict:
-    states = {}
-    for row in driver.find_elements(By.CSS_SELECTOR, "#backends tbody tr"):
-        cells = row.find_elements(By.TAG_NAME, "td")
-        if cells and cells[0].text != "total":
-            states[cells[0].text] = cells[1].text
-    return states
+    """Backend name -> state cell, read in one step so a self-refresh cannot tear it."""
+    return driver.execute_script(
+        "const s = {};"
+        "for (const row of document.querySelectorAll('#backends tbody tr')) {"
+        "  const cells = row.querySelectorAll('td');"
+        "  if (cells.length && cells[0].textContent !== 'total')"
+        "    s[cells[0].textContent] = cells[1].textContent;"
+        "}"
+        "return s;")
 
 
 def test_stats_page_shows_every_backend_and_a_killed_one_turns_down(procs, browser, tmp_path):
@@ -67,7 +69,7 @@ def test_stats_page_shows_every_backend_and_a_killed_one_turns_down(procs, brows
     names = ["127.0.0.1:%d" % b.port for b in backends]
     assert "fastlb on" in browser.title
     assert row_states(browser) == {name: "up" for name in names}
-    summary = browser.find_element(By.ID, "summary").text
+    summary = browser.execute_script("return document.getElementById('summary').textContent")
     assert "connections accepted" in summary
 
     backends[1].stop()  # SIGKILL, then reaped
@@ -75,7 +77,8 @@ def test_stats_page_shows_every_backend_and_a_killed_one_turns_down(procs, brows
         lambda d: row_states(d).get(names[1]) == "down")
     states = row_states(browser)
     assert states == {names[0]: "up", names[1]: "down", names[2]: "up"}
-    reason = browser.find_element(By.CSS_SELECTOR, "#backends tbody tr.down td.reason").text
+    reason = browser.execute_script(
+        "return document.querySelector('#backends tbody tr.down td.reason').textContent")
     assert "refused" in reason
 
     shot = tmp_path / "stats-page.png"
