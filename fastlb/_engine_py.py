@@ -10,7 +10,10 @@ Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
   are closed by the engine, exactly once, in ``_close`` — when the relay is
   over, when fastlb's own answer has been lingered out, or when a timeout hits.
 - Per connection: WAIT (until the client's first byte; a client that closes or
-  stays silent for ``client_timeout`` never costs a backend), CONNECTING (non-
+  stays silent for ``client_timeout`` never costs a backend), PARKED (the
+  router asked to wait for fresher health figures: the probe round triggered
+  before this connection was accepted is still running; retried when the
+  router calls ``wake`` and at most ``ROUTE_WAIT`` later), CONNECTING (non-
   blocking connect to the backend the router chose; a failure marks it down
   and the next one is tried, each at most once), RELAYING (two buffered
   directions), LINGER (after fastlb's own 500: half-close, read and discard
@@ -23,8 +26,11 @@ Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
 - Timeouts are checked every ``TICK`` seconds against one deadline per
   connection (cheap: a float per event, one pass over the connections per tick).
 - The router (``fastlb.balancer.Router``) is the only way back into fastlb:
-  ``choose``, ``connect_failed`` and ``finished``.  These are the only moments
-  the compiled twin takes the GIL.
+  ``choose(tried, ticket)`` returns a route ``(token, family, ip, port)``, None
+  (nothing usable: the client gets the 500) or False (park and ask again);
+  ``connect_failed(token, reason)``; ``finished(token, addr, bytes_up,
+  bytes_down, status, end, duration)``, once per connection.  These are the
+  only moments the compiled twin takes the GIL.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ READ_SIZE = 65536
 BUFFER_LIMIT = 4 * READ_SIZE
 # How often deadlines are checked; timeouts are accurate to this.
 TICK = 0.1
+# The longest a connection stays parked waiting for fresher health figures: far
+# more than a healthy backend takes to answer a probe, little enough that a
+# hung backend's probe holds a client back only briefly.
+ROUTE_WAIT = 0.25
 # After fastlb's own answer: how long and how much we read before closing, so
 # the client's unread request cannot turn our close into a RST (nginx's
 # lingering close).
@@ -53,19 +63,20 @@ LINGER_BYTES = 1 << 20
 
 RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 
-WAIT, CONNECTING, RELAYING, LINGER = "wait", "connecting", "relaying", "linger"
+WAIT, PARKED, CONNECTING, RELAYING, LINGER = "wait", "parked", "connecting", "relaying", "linger"
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
 class _Conn:
     __slots__ = (
-        "client", "server", "addr", "state", "token", "tried", "accepted", "started", "deadline",
+        "client", "server", "addr", "ticket", "state", "token", "tried", "accepted", "started",
+        "deadline",
         "up", "down", "up_eof", "down_eof", "up_shut", "down_shut", "bytes_up", "bytes_down",
         "status", "head", "last_up", "client_mask", "server_mask", "lingered", "answered",
     )
 
-    def __init__(self, client: socket.socket, addr, now: float, client_timeout: float):
-        self.client, self.server, self.addr = client, None, addr
+    def __init__(self, client: socket.socket, addr, ticket, now: float, client_timeout: float):
+        self.client, self.server, self.addr, self.ticket = client, None, addr, ticket
         self.state = WAIT
         self.token = None
         self.tried: list = []
@@ -98,16 +109,40 @@ class Engine:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, READ, None)
         self._incoming: collections.deque = collections.deque()
+        self._wake_pending = False
         self._conns: set[_Conn] = set()
+        self._parked: list[_Conn] = []
+        self._unpark = False
         self._stopping = False
-        self.active = 0                   # connections owned: read by the accept loop, unlocked
+        # Connections owned = added - closed; each counter has one writer
+        # thread, so the accept loop can read both without a lock.
+        self.added = 0
+        self.closed = 0
 
     # -- any thread ------------------------------------------------------------------
 
-    def add(self, client: socket.socket, addr=None) -> None:
-        """Hand a freshly accepted client socket to this engine, which now owns it."""
-        self.active += 1
-        self._incoming.append((client, addr))
+    def add(self, client: socket.socket, addr=None, ticket=None) -> None:
+        """Hand a freshly accepted client socket to this engine, which now owns it.
+
+        ``ticket`` is passed to ``router.choose`` as is (None: route at once).
+        """
+        self.added += 1
+        self._incoming.append((client, addr, ticket))
+        self._wake()
+
+    @property
+    def active(self) -> int:
+        """Connections this engine owns (handed over and not yet closed)."""
+        return self.added - self.closed
+
+    @property
+    def pending(self) -> int:
+        """Connections handed over that the loop has not picked up yet."""
+        return len(self._incoming)
+
+    def wake(self) -> None:
+        """Ask the engine to retry its parked connections (the router's figures changed)."""
+        self._unpark = True
         self._wake()
 
     def stop(self) -> None:
@@ -121,6 +156,11 @@ class Engine:
         self.client_timeout, self.connect_timeout = client_timeout, connect_timeout
 
     def _wake(self) -> None:
+        # One wake-up byte is enough however many connections arrive before
+        # the loop reads it (the loop clears the flag before taking them).
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
@@ -141,6 +181,12 @@ class Engine:
                         self._on_event(conn, key.fileobj is conn.client, mask)
                 while self._incoming:
                     self._accept(*self._incoming.popleft())
+                if self._unpark:
+                    self._unpark = False
+                    parked, self._parked = self._parked, []
+                    for conn in parked:
+                        if conn.state is PARKED:
+                            self._connect_next(conn)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK
@@ -159,9 +205,13 @@ class Engine:
                 pass
         except (BlockingIOError, OSError):
             pass
+        # Only after draining: an add() that saw the flag still set has its
+        # connection in the deque, which the loop takes next; one that sees it
+        # cleared sends a fresh byte.
+        self._wake_pending = False
 
-    def _accept(self, client: socket.socket, addr) -> None:
-        conn = _Conn(client, addr, time.monotonic(), self.client_timeout)
+    def _accept(self, client: socket.socket, addr, ticket) -> None:
+        conn = _Conn(client, addr, ticket, time.monotonic(), self.client_timeout)
         self._conns.add(conn)
         try:
             client.setblocking(False)
@@ -215,7 +265,14 @@ class Engine:
     def _connect_next(self, conn: _Conn) -> None:
         """Connect to the best backend not tried yet, or answer 500 when none is left."""
         while True:
-            choice = self.router.choose(conn.tried)
+            choice = self.router.choose(conn.tried, conn.ticket)
+            if choice is False:
+                if conn.state is not PARKED:
+                    conn.state = PARKED
+                    conn.deadline = time.monotonic() + ROUTE_WAIT
+                self._parked.append(conn)
+                return
+            conn.ticket = None
             if choice is None:
                 self._answer(conn, RESPONSE_500, 500)
                 return
@@ -348,6 +405,9 @@ class Engine:
     def _on_timeout(self, conn: _Conn, now: float) -> None:
         if conn.state is WAIT:
             self._close(conn, "client_timeout")
+        elif conn.state is PARKED:
+            conn.ticket = None
+            self._connect_next(conn)
         elif conn.state is CONNECTING:
             self._connect_failed(conn, "connect timeout (%gs)" % self.connect_timeout)
         elif conn.state is RELAYING:
@@ -420,7 +480,7 @@ class Engine:
             self._report(conn, "no_backend", conn.answered)
         conn.state = None
         self._conns.discard(conn)
-        self.active -= 1
+        self.closed += 1
 
 
 def _shutdown_write(sock: socket.socket) -> None:

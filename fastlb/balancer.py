@@ -1,25 +1,27 @@
-"""The balancer: accept loop, bounded queue, worker threads, drain.
+"""The balancer: accept loop, worker engines, router, drain.
 
 Who runs where:
 - the thread that calls ``Balancer.run`` (the main thread under the CLI) runs
   the first probe round, then accepts connections, counts them in the pool
-  (waking the health checker on every R-th) and puts them on ``queue``; when the
-  queue is full the client gets a 503 and is closed;
-- ``threads`` worker threads take connections from the queue, wait for the
-  client's first byte, choose a backend, connect (trying the next backend when a
-  connect fails) and relay through ``fastlb.bridge.relay``;
-- the health-check thread (``fastlb.health``) runs probe rounds.
-Shared state is the backend table (``BackendPool``, one lock) and the in-flight
-count here (guarded by ``_idle``'s lock).  A client socket belongs to the
-accept loop until it is queued, then to the worker that takes it, which always
-closes it.
+  (waking the health checker on every R-th) and hands each to the least busy
+  worker engine; beyond ``--max-connections`` open connections, or when an
+  engine's hand-off queue holds ``--max-queue``, the client gets a 503;
+- ``threads`` worker threads each run one relay engine (``fastlb.bridge.Engine``,
+  an event loop that owns many connections at once: waits for the client's
+  first byte, routes, connects without blocking, relays, closes);
+- engines reach the backend table only through ``Router``: choosing a backend,
+  reporting a failed connect, reporting a finished connection;
+- the health-check thread (``fastlb.health``) runs probe rounds, and wakes the
+  engines when a round has been applied (connections parked for fresh figures).
+Shared state is the backend table (``BackendPool``, one lock).  A client socket
+belongs to the accept loop until ``Engine.add``, then to that engine, which
+always closes it.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import queue
 import resource
 import select
 import socket
@@ -36,20 +38,12 @@ from fastlb.settings import Address
 
 log = logging.getLogger("fastlb")
 
-RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 RESPONSE_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 
-# After answering a client ourselves we read what it still sends for a moment
-# before closing: closing a socket with unread input sends a RST, and the RST
-# can destroy our answer before the client reads it (nginx's lingering close).
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 1 << 20
-
-# How long a connection waits for the results of the probe round triggered
-# before it was accepted: far more than a healthy backend takes to answer a
-# probe, little enough that a hung backend (probed once per probe timeout) is
-# only a small hiccup.
-ROUND_WAIT = 0.25
+# Descriptors kept for everything but relays (listener, logs, probes, admin).
+RESERVED_FDS = 64
+# How often a drain checks whether the last connection has finished.
+DRAIN_POLL = 0.05
 
 
 def _peer(addr) -> str:
@@ -75,56 +69,40 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def answer_and_close(sock: socket.socket, response: bytes) -> None:
-    """Send fastlb's own response, then close without letting a RST destroy it."""
-    try:
-        sock.settimeout(LINGER_SECONDS)
-        sock.sendall(response)
-        sock.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + LINGER_SECONDS
-        drained = 0
-        while drained < LINGER_BYTES:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            sock.settimeout(remaining)
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            drained += len(chunk)
-    except OSError:
-        pass
-    finally:
-        sock.close()
+class Router:
+    """What a relay engine may ask of fastlb (see ``fastlb._engine_py``)."""
 
+    def __init__(self, balancer: "Balancer"):
+        self.balancer = balancer
+        self.pool = balancer.pool
 
-def wait_readable(sock: socket.socket, timeout: float) -> bool:
-    """True when ``sock`` has data or EOF within ``timeout`` seconds."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
+    def choose(self, tried, ticket):
+        """A route ``(backend, family, ip, port)``, None when nothing is usable, False to wait."""
+        if ticket and not self.pool.round_applied(ticket):
+            return False
+        backend = self.pool.choose(tried)
+        if backend is None:
+            return None
+        address = backend.address
+        return backend, address.family, address.ip or address.host, address.port
 
+    def connect_failed(self, backend: Backend, reason: str) -> None:
+        self.pool.connect_failed(backend, reason)
 
-def connect(address: Address, timeout: float) -> socket.socket:
-    """Connect to a backend by its resolved address (no name resolution per connection)."""
-    sock = socket.socket(address.family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect((address.ip or address.host, address.port))
-        sock.settimeout(None)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def connect_failure_reason(exc: OSError, timeout: float) -> str:
-    if isinstance(exc, socket.timeout):
-        return "connect timeout (%gs)" % timeout
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    return "connect failed: %s" % (exc.strerror or exc)
+    def finished(self, backend: Optional[Backend], context, bytes_up: int, bytes_down: int,
+                 status: int, end: str, duration: float) -> None:
+        addr, asked_round = context
+        if asked_round:
+            self.pool.trigger_closed(asked_round)
+        if backend is not None:
+            self.pool.release(backend, bytes_up, bytes_down, status, duration)
+            if end == "server_timeout" and not bytes_down:
+                self.pool.mark_down(backend, "no answer within %gs (server timeout)"
+                                    % self.balancer.config.server_timeout)
+        access_log = self.balancer.access_log
+        if access_log:
+            access_log.record(_peer(addr), backend.name if backend is not None else "",
+                              bytes_up, bytes_down, duration, status, end)
 
 
 class Balancer:
@@ -134,16 +112,22 @@ class Balancer:
         self.config = config
         self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall)
         self.health = HealthChecker(self.pool, config.probe_timeout, config.interval)
-        self.queue: queue.Queue = queue.Queue(config.max_queue)
         self.listener: Optional[socket.socket] = None
         self.port = config.port
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
-        self._idle = threading.Condition()
-        self._inflight = 0
         self._workers: list[threading.Thread] = []
         self.fd_limit = raise_fd_limit()
+        self.max_connections = config.max_connections or max(1, (self.fd_limit - RESERVED_FDS) // 2)
+        self.router = Router(self)
+        self.engines = [
+            bridge.Engine(self.router, config.server_timeout, config.idle_timeout,
+                          config.client_timeout, config.connect_timeout)
+            for _ in range(config.threads)
+        ]
+        for engine in self.engines:
+            self.pool.round_listeners.append(engine.wake)
         self.started = time.time()
         self.access_log: Optional[AccessLog] = None
         self.admin: Optional[AdminServer] = None
@@ -163,7 +147,8 @@ class Balancer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(sockaddr)
-            sock.listen(min(max(self.config.max_queue, 128), socket.SOMAXCONN * 16))
+            # The kernel caps the backlog at net.core.somaxconn.
+            sock.listen(max(1024, min(self.max_connections, 65535)))
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EADDRINUSE:
@@ -194,10 +179,11 @@ class Balancer:
             self.bind()
         log.info(
             "fastlb %s (%s bridge) listening on %s:%d; %d worker(s); backends %s; "
-            "health check every %d connection(s) and %gs; up to %d open files",
+            "health check every %d connection(s) and %gs; up to %d open files, "
+            "so up to %d client connections",
             __version__, bridge.IMPLEMENTATION, self.config.bind, self.port,
             self.config.threads, ", ".join(b.name for b in self.pool.backends),
-            self.config.requests, self.config.interval, self.fd_limit,
+            self.config.requests, self.config.interval, self.fd_limit, self.max_connections,
         )
         if self.admin:
             self.admin.start()
@@ -209,14 +195,16 @@ class Balancer:
         up = sum(b.state == "up" for b in self.pool.backends)
         log.info("first health round done: %d of %d backend(s) up", up, len(self.pool.backends))
         self.health.start()
-        for i in range(self.config.threads):
-            worker = threading.Thread(target=self._work, name="fastlb-worker-%d" % i, daemon=True)
+        for i, engine in enumerate(self.engines):
+            worker = threading.Thread(target=engine.run, name="fastlb-worker-%d" % i, daemon=True)
             worker.start()
             self._workers.append(worker)
         try:
             self._accept_loop()
         finally:
             self.listener.close()
+            for engine in self.engines:
+                engine.stop()
             self._drain()
             self.health.stop()
             if self.admin:
@@ -258,99 +246,32 @@ class Balancer:
                 self._dispatch(conn, addr)
 
     def _dispatch(self, conn: socket.socket, addr) -> None:
-        # This connection is routed after the rounds triggered before it.
-        asked = self.pool.rounds_asked()
-        if self.pool.count_accept():
+        trigger, ticket = self.pool.count_accept()
+        if trigger:
             self.health.trigger()
-        with self._idle:
-            self._inflight += 1
+        engine = min(self.engines, key=_load)
+        if self.inflight >= self.max_connections or engine.pending >= self.config.max_queue:
+            self._refuse(conn, addr)
+            return
+        # The engine hands ``(addr, round)`` back to Router.finished: the round
+        # this connection asked for, if it was the R-th.
+        engine.add(conn, (addr, ticket + 1 if trigger else 0), ticket)
+
+    def _refuse(self, conn: socket.socket, addr) -> None:
+        self.pool.count_queue_full()
+        if self.access_log:
+            self.access_log.record(_peer(addr), "", 0, 0, 0.0, 503, "queue_full")
+        log.warning("overloaded (%d connections open, at most %d): answering 503",
+                    self.inflight, self.max_connections)
+        # Under overload the answer must cost nothing: no lingering, and a
+        # client whose buffer is full simply misses it.
         try:
-            self.queue.put_nowait((conn, addr, time.monotonic(), asked))
-        except queue.Full:
-            self._finished()
-            self.pool.count_queue_full()
-            if self.access_log:
-                self.access_log.record(_peer(addr), "", 0, 0, 0.0, 503, "queue_full")
-            log.warning("queue full (%d): answering 503", self.config.max_queue)
-            # Under overload the answer must cost nothing: no lingering, and a
-            # client whose buffer is full simply misses it.
-            try:
-                conn.setblocking(False)
-                conn.send(RESPONSE_503)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            conn.close()
-
-    # -- workers -------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            conn, addr, accepted, asked = self.queue.get()
-            outcome = None
-            try:
-                outcome = self.handle(conn, asked)
-            except Exception:
-                log.exception("unexpected error while relaying")
-            finally:
-                conn.close()
-                self._finished()
-            if self.access_log and outcome:
-                backend, up, down, status, end = outcome
-                self.access_log.record(_peer(addr), backend, up, down,
-                                       time.monotonic() - accepted, status, end)
-
-    def handle(self, conn: socket.socket, asked: int = 0):
-        """Serve one client connection from first byte to close.
-
-        ``asked`` is the number of count-triggered probe rounds asked for
-        before this connection was accepted; it is routed once they are done.
-
-        Returns ``(backend name, bytes up, bytes down, status, end)`` for the access log.
-        """
-        cfg = self.config
-        conn.setblocking(True)
-        try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Nothing is routed for a client that sends nothing: it costs no backend.
-            if not wait_readable(conn, cfg.client_timeout):
-                return "", 0, 0, 0, "client_timeout"
-            if not conn.recv(1, socket.MSG_PEEK):
-                return "", 0, 0, 0, "client_closed"
+            conn.setblocking(False)
+            conn.send(RESPONSE_503)
+            conn.shutdown(socket.SHUT_WR)
         except OSError:
-            return "", 0, 0, 0, "client_error"
-
-        if asked:
-            # The probe triggered by the previous connection may still be on
-            # its way (SPEC §2); wait for it, but never long for a hung one.
-            self.pool.wait_for_round(asked, min(ROUND_WAIT, cfg.probe_timeout))
-        tried: list[Backend] = []
-        while True:
-            backend = self.pool.choose(tried)
-            if backend is None:
-                answer_and_close(conn, RESPONSE_500)
-                return "", 0, 0, 500, "no_backend"
-            try:
-                server = connect(backend.address, cfg.connect_timeout)
-                break
-            except OSError as exc:
-                self.pool.connect_failed(backend, connect_failure_reason(exc, cfg.connect_timeout))
-                tried.append(backend)
-
-        started = time.monotonic()
-        try:
-            result = bridge.relay(conn, server, cfg.server_timeout, cfg.idle_timeout)
-        finally:
-            server.close()
-        self.pool.release(backend, result.bytes_up, result.bytes_down, result.status,
-                          time.monotonic() - started)
-        status = result.status
-        if result.bytes_down == 0 and result.end in ("server_timeout", "server_error"):
-            if result.end == "server_timeout":
-                self.pool.mark_down(backend, "no answer within %gs (server timeout)" % cfg.server_timeout)
-            answer_and_close(conn, RESPONSE_500)
-            status = 500
-        return backend.name, result.bytes_up, result.bytes_down, status, result.end
+            pass
+        conn.close()
 
     # -- operations ----------------------------------------------------------------
 
@@ -369,7 +290,8 @@ class Balancer:
             "started": self.started, "uptime": int(time.time() - self.started),
             "threads": self.config.threads, "accepted": self.pool.accepted,
             "no_backend": self.pool.no_backend, "queue_full": self.pool.queue_full,
-            "inflight": self.inflight, "queue_length": self.queue.qsize(),
+            "inflight": self.inflight, "queue_length": sum(e.pending for e in self.engines),
+            "max_connections": self.max_connections,
             "backends": backends, "totals": totals,
         }
 
@@ -380,7 +302,8 @@ class Balancer:
         (timeouts for connections that start after the reload); the listen
         address, -N, the admin address and the queue size need a restart.
         """
-        for name in ("port", "bind", "threads", "admin", "max_queue", "access_log"):
+        for name in ("port", "bind", "threads", "admin", "max_queue", "max_connections",
+                     "access_log"):
             if getattr(config, name) != getattr(self.config, name) and not (
                     name == "port" and config.port == self.port):
                 log.warning("reload: %s changed; restart fastlb to apply it", name)
@@ -404,6 +327,9 @@ class Balancer:
         added = self.pool.update(config.backends, config.requests, config.rise, config.fall,
                                  first_probes)
         self.health.probe_timeout, self.health.interval = config.probe_timeout, config.interval
+        for engine in self.engines:
+            engine.set_timeouts(config.server_timeout, config.idle_timeout, config.client_timeout,
+                                config.connect_timeout)
         self.config = config
         if self.access_log:
             self.access_log.reopen()
@@ -411,27 +337,25 @@ class Balancer:
 
     # -- drain -------------------------------------------------------------------
 
-    def _finished(self) -> None:
-        with self._idle:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.notify_all()
-
     @property
     def inflight(self) -> int:
-        with self._idle:
-            return self._inflight
+        """Client connections owned by the engines."""
+        return sum(engine.active for engine in self.engines)
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.config.drain_timeout
-        with self._idle:
-            if self._inflight:
-                log.info("draining %d connection(s) for up to %gs", self._inflight,
-                         self.config.drain_timeout)
-            while self._inflight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.warning("drain timeout: closing %d connection(s)", self._inflight)
-                    return
-                self._idle.wait(remaining)
+        if self.inflight:
+            log.info("draining %d connection(s) for up to %gs", self.inflight,
+                     self.config.drain_timeout)
+        while self.inflight:
+            if time.monotonic() >= deadline:
+                log.warning("drain timeout: closing %d connection(s)", self.inflight)
+                return
+            time.sleep(DRAIN_POLL)
+        for worker in self._workers:
+            worker.join(1.0)
         log.info("all connections finished")
+
+
+def _load(engine) -> int:
+    return engine.active

@@ -90,7 +90,7 @@ class HealthChecker:
         """Start probing every backend not already being probed; return the probe threads.
 
         Once the last probe started here is applied the pool is told, so the
-        connections waiting for fresh figures are routed (``BackendPool.wait_for_round``).
+        connections waiting for fresh figures are routed (``BackendPool.round_applied``).
         """
         self.rounds += 1
         entry = self.pool.begin_round()

@@ -110,52 +110,60 @@ class BackendPool:
         self.queue_full = 0           # connections answered with the 503
         # A connection accepted after a count-triggered round was asked for is
         # routed once the first round begun after that trigger is applied (see
-        # ``wait_for_round``).  Rounds still to be applied are kept as
+        # ``round_applied``).  Rounds still to be applied are kept as
         # [rounds asked when it began, applied?], oldest first; every trigger
         # up to ``_rounds_applied`` has had its round applied.
         self._rounds_asked = 0
         self._rounds: list[list] = []
         self._rounds_applied = 0
-        self._round_done = threading.Condition(self._lock)
+        self.round_listeners: list = []   # called after each round is applied
+        self._closed_triggers: set[int] = set()   # rounds whose triggering connection closed
 
     # -- accept loop -------------------------------------------------------
 
-    def count_accept(self) -> bool:
-        """Count one accepted connection; True when it is the R-th since the last round."""
+    def count_accept(self) -> tuple[bool, int]:
+        """Count one accepted connection: (is it the R-th since the last round?, its ticket).
+
+        The ticket is the number of count-triggered rounds asked for before
+        this connection; it is routed once that round has been applied
+        (``round_applied``), so a probe triggered by one request has finished
+        before the next is routed (SPEC §2).
+        """
         with self._lock:
             self.accepted += 1
+            ticket = self._rounds_asked
             self._accepted_since_round += 1
             if self._accepted_since_round >= self._requests_per_round:
                 self._accepted_since_round = 0
                 self._rounds_asked += 1
-                return True
-            return False
-
-    def rounds_asked(self) -> int:
-        """How many count-triggered probe rounds have been asked for so far."""
-        with self._lock:
-            return self._rounds_asked
+                return True, ticket
+            return False, ticket
 
     # -- workers -------------------------------------------------------------
 
-    def wait_for_round(self, asked: int, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for the first round begun after trigger ``asked`` to be applied.
+    def trigger_closed(self, round_number: int) -> None:
+        """The connection that asked for round ``round_number`` has closed."""
+        with self._lock:
+            self._closed_triggers.add(round_number)
+            if len(self._closed_triggers) > 4096:
+                self._closed_triggers = {r for r in self._closed_triggers if r > self._rounds_applied}
 
-        SPEC §2: a probe triggered by one connection has finished before the
-        next connection is routed.  The wait releases the lock, and is bounded
-        so that a hung backend's probe holds a client back only briefly.
+    def round_applied(self, ticket: int) -> bool:
+        """May a connection holding ``ticket`` be routed now?  (Never blocks.)
+
+        Yes once the first round begun after trigger ``ticket`` has been
+        applied.  Yes also while the connection that triggered it is still
+        open: then this one runs alongside it and cannot be the same client's
+        next request, which is what the wait is for (SPEC §2); so concurrent
+        traffic never waits for probes.
         """
-
-        def locked_applied() -> bool:
-            if asked <= self._rounds_applied:
+        with self._lock:
+            if ticket <= self._rounds_applied or ticket not in self._closed_triggers:
                 return True
             for round_asked, applied in self._rounds:
-                if round_asked >= asked:
+                if round_asked >= ticket:
                     return applied
             return False
-
-        with self._round_done:
-            return self._round_done.wait_for(locked_applied, timeout)
 
     def choose(self, exclude: Sequence[Backend] = ()) -> Optional[Backend]:
         """Choose a backend for a new connection and count it there; None if none is usable."""
@@ -219,11 +227,13 @@ class BackendPool:
 
     def finish_round(self, entry: list) -> None:
         """Every probe claimed by the round ``entry`` (from ``begin_round``) has been applied."""
-        with self._round_done:
+        with self._lock:
             entry[1] = True
             while self._rounds and self._rounds[0][1]:
                 self._rounds_applied = self._rounds.pop(0)[0]
-            self._round_done.notify_all()
+        # Outside the lock: listeners (the engines) only wake their loops.
+        for listener in self.round_listeners:
+            listener()
 
     def begin_probe(self, backend: Backend) -> bool:
         """Claim ``backend`` for a probe; False if its previous probe is still running."""

@@ -56,6 +56,10 @@ def at_least_one(text: str) -> int:
     return _integer(text, 1)
 
 
+def at_least_zero(text: str) -> int:
+    return _integer(text, 0)
+
+
 def port(text: str) -> int:
     try:
         value = int(text, 10)
@@ -143,7 +147,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a new client may take to send its first byte before it is closed "
             "without touching a backend", "SECONDS"),
     Setting("max_queue", ("--max-queue",), at_least_one, 1024,
-            "accepted connections waiting for a worker; beyond it new clients get a 503", "N"),
+            "accepted connections handed to a worker and not yet taken up by it; beyond it "
+            "new clients get a 503", "N"),
+    Setting("max_connections", ("--max-connections",), at_least_zero, 0,
+            "client connections open at once; beyond it new clients get a 503 (0: as many as "
+            "the open-file limit allows, two descriptors each)", "N"),
     Setting("drain_timeout", ("--drain-timeout",), seconds, 30.0,
             "seconds in-flight connections may take to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("bind", ("--bind",), bind_address, "0.0.0.0",

@@ -424,34 +424,50 @@ def test_silent_client_is_closed_after_client_timeout_without_touching_a_backend
     assert healthcheck(backend.port) == (0, 1)
 
 
-def test_full_queue_answers_503(procs, tmp_path):
+def test_connections_beyond_max_connections_get_503(procs, tmp_path):
     backend = procs.backend(make_dir(tmp_path, "www", {"who": b"A"}))
-    lb = procs.fastlb("-N", 1, "--max-queue", 1, "--client-timeout", 5, backend.port)
+    lb = procs.fastlb("-N", 1, "--max-connections", 3, "--client-timeout", 5, backend.port)
     wait_up(lb, backend)
 
-    # Served, so the worker runs and the queue is empty.  (The connection
-    # conftest opened to see the port may still hold the queue just now.)
     def served() -> bool:
         return status_of(http_get(lb.port, "/who")) == 200
 
+    # (The connection conftest opened to see the port may still be open just now.)
     wait_until(served, 5, interval=0.05, message="a first 200")
 
-    # One worker and a queue of one hold two idle clients at most: of three,
-    # the first gets a place and a later one must get the 503.
+    # Three idle clients fill --max-connections 3: a fourth gets the 503 at once.
     idle = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(3)]
     try:
-        wait_until(lambda: select.select(idle, [], [], 0.05)[0], 3, message="a 503")
-        refused = select.select(idle, [], [], 0.3)[0]
-        assert idle[0] not in refused
-        for sock in refused:
-            assert recv_all(sock, 3) == RESPONSE_503
-        lb.wait_for_log(r"queue full")
+        def refused() -> bool:
+            with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as extra:
+                return recv_all(extra, 3) == RESPONSE_503
+
+        wait_until(refused, 5, interval=0.05, message="a 503 while three clients are open")
+        assert not select.select(idle, [], [], 0.1)[0], "an idle client was answered"
+        lb.wait_for_log(r"overloaded \(3 connections open, at most 3\): answering 503")
     finally:
         for sock in idle:
             sock.close()
-    # Once the idle clients leave (the worker notices each EOF), service resumes.
+    # Once the idle clients leave, service resumes.
     wait_until(served, 5, interval=0.05, message="a 200 once the idle clients left")
     assert healthcheck(backend.port)[1] == 2
+
+
+def test_idle_clients_hold_no_worker_a_request_is_still_served(procs, tmp_path):
+    backend = procs.backend(make_dir(tmp_path, "www", {"who": b"A"}))
+    lb = procs.fastlb("-N", 1, backend.port)
+    wait_up(lb, backend)
+    # In the classic design one idle client blocks the only worker; here it costs a descriptor.
+    idle = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(200)]
+    half = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(20)]
+    try:
+        for sock in half:
+            sock.sendall(b"GET /who HTTP/1.1\r\nHost: x\r\n")  # an unfinished request
+        for _ in range(5):
+            assert who(lb.port) == b"A"
+    finally:
+        for sock in idle + half:
+            sock.close()
 
 
 def test_no_descriptor_or_thread_leak_after_1000_connections(procs, tmp_path):

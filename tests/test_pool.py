@@ -96,7 +96,25 @@ def test_a_backend_is_not_probed_twice_at_once():
 
 def test_every_r_th_accept_triggers_a_round():
     pool = make_pool(1, requests=3)
-    assert [pool.count_accept() for _ in range(7)] == [False, False, True, False, False, True, False]
+    assert [pool.count_accept() for _ in range(7)] == [
+        (False, 0), (False, 0), (True, 0), (False, 1), (False, 1), (True, 1), (False, 2)]
+
+
+def test_a_ticket_is_ready_once_the_round_begun_after_its_trigger_is_applied():
+    pool = make_pool(1, requests=1)
+    woken = []
+    pool.round_listeners.append(lambda: woken.append(1))
+    _, first = pool.count_accept()
+    assert first == 0 and pool.round_applied(first)      # no round asked before it
+    _, second = pool.count_accept()
+    # While the connection that asked for round 1 is open, the next one runs alongside it.
+    assert second == 1 and pool.round_applied(second)
+    pool.trigger_closed(1)
+    assert not pool.round_applied(second)
+    entry = pool.begin_round()
+    assert not pool.round_applied(second)
+    pool.finish_round(entry)
+    assert pool.round_applied(second) and woken == [1]
 
 
 def test_release_counts_bytes_and_status_classes():

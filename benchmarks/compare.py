@@ -1,0 +1,427 @@
+"""fastlb side by side with HAProxy and nginx, on the same port, backends and load.
+
+    python benchmarks/compare.py [--rounds 4] [--duration 5] [--scenarios keepalive,close,...]
+
+Starts two backends (nginx serving static files when it is installed, else
+``fastlb-backend``), then, in interleaved rounds, runs each contender on the
+same port in front of them and drives it with ``wrk``:
+
+  fastlb-cython   the compiled bridge (default ``-N 4``)
+  fastlb-python   FASTLB_NO_EXTENSIONS=1
+  haproxy         mode tcp, balance leastconn, option httpchk, nbthread 1
+  haproxy-splice  the same with option splice-auto
+  nginx-stream    nginx ``stream`` proxy, least_conn, one worker
+
+Scenarios: ``keepalive`` (100-byte responses, 32 keep-alive connections),
+``close`` (100-byte responses, ``Connection: close``, 32 connections), ``bulk``
+(64 MiB downloads over 4 connections), ``c1000`` and ``c10000`` (100-byte
+responses over 1,000 and 10,000 keep-alive connections).
+
+For each contender and scenario it prints the median over the rounds of
+requests/s (MB/s for bulk), p50 and p99 latency, the proxy's CPU time per
+request (user + system, from /proc), errors (wrk counts a connection left
+without an answer for 2 s as a timeout, so a starved client shows here), and
+every ratio to HAProxy from the same run.
+It installs nothing: missing programs are named with their Debian packages
+(``haproxy nginx libnginx-mod-stream wrk``) and those contenders are skipped.
+Only 127.0.0.1 is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCENARIOS = {
+    # name: (path, connections, wrk threads, extra wrk args, unit)
+    "keepalive": ("/100b", 32, 2, [], "req/s"),
+    "close": ("/100b", 32, 2, ["-H", "Connection: close"], "req/s"),
+    "bulk": ("/64m", 4, 2, [], "MB/s"),
+    "c1000": ("/100b", 1000, 2, [], "req/s"),
+    "c10000": ("/100b", 10000, 2, [], "req/s"),
+}
+CONTENDERS = ["fastlb-cython", "fastlb-python", "haproxy", "haproxy-splice", "nginx-stream"]
+# Descriptors wanted for every process we start (raising the hard limit needs root).
+FD_TARGET = 100_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nothing listens on 127.0.0.1:%d after %gs" % (port, timeout))
+
+
+def wait_closed(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", port))
+                return
+        except OSError:
+            time.sleep(0.05)
+
+
+def get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n" % path.encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes so far, from /proc (children included via threads)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    return pids
+
+
+class Backends:
+    """Two backends serving /100b, /64m and /healthcheck."""
+
+    def __init__(self, workdir: Path):
+        # nginx workers run as www-data: the files must be readable by anyone.
+        os.chmod(workdir, 0o755)
+        self.dir = workdir / "www"
+        self.dir.mkdir(mode=0o755)
+        (self.dir / "100b").write_bytes(b"x" * 99 + b"\n")
+        with open(self.dir / "64m", "wb") as handle:
+            handle.truncate(64 << 20)
+        (self.dir / "healthcheck").write_bytes(b"0\n0\n")
+        for path in self.dir.iterdir():
+            os.chmod(path, 0o644)
+        self.ports = [free_port(), free_port()]
+        self.procs: list[subprocess.Popen] = []
+        if shutil.which("nginx"):
+            self.kind = "nginx"
+            conf = workdir / "backends.conf"
+            conf.write_text(NGINX_BACKENDS % {
+                "dir": self.dir, "p1": self.ports[0], "p2": self.ports[1], "tmp": workdir})
+            self.procs.append(subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"],
+                                               stderr=subprocess.DEVNULL))
+        else:
+            self.kind = "fastlb-backend"
+            for port in self.ports:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "fastlb.backend", str(port), "--dir", str(self.dir)],
+                    stderr=subprocess.DEVNULL, env=_env()))
+        for port in self.ports:
+            wait_port(port)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+NGINX_BACKENDS = """
+worker_processes 1;
+worker_rlimit_nofile 40000;
+pid %(tmp)s/backends.pid;
+error_log /dev/null;
+events { worker_connections 30000; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    client_body_temp_path %(tmp)s/body;
+    proxy_temp_path %(tmp)s/proxy;
+    fastcgi_temp_path %(tmp)s/fastcgi;
+    uwsgi_temp_path %(tmp)s/uwsgi;
+    scgi_temp_path %(tmp)s/scgi;
+    server { listen 127.0.0.1:%(p1)d backlog=65535; root %(dir)s; }
+    server { listen 127.0.0.1:%(p2)d backlog=65535; root %(dir)s; }
+}
+"""
+
+HAPROXY = """
+global
+    nbthread 1
+    maxconn %(maxconn)d
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+listen lb
+    bind 127.0.0.1:%(port)d
+    balance leastconn
+    option httpchk GET /healthcheck
+    %(splice)s
+    server b1 127.0.0.1:%(p1)d check inter 2s
+    server b2 127.0.0.1:%(p2)d check inter 2s
+"""
+
+NGINX_STREAM = """
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes 1;
+worker_rlimit_nofile 40000;
+pid %(tmp)s/stream.pid;
+error_log /dev/null;
+events { worker_connections 30000; }
+stream {
+    upstream backends { least_conn; server 127.0.0.1:%(p1)d; server 127.0.0.1:%(p2)d; }
+    server { listen 127.0.0.1:%(port)d backlog=65535; proxy_pass backends; }
+}
+"""
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.update(extra or {})
+    return env
+
+
+def start_contender(name: str, port: int, backends: Backends, workdir: Path, threads: int):
+    p1, p2 = backends.ports
+    if name.startswith("fastlb"):
+        env = _env({"FASTLB_NO_EXTENSIONS": "1"} if name == "fastlb-python" else {"FASTLB_NO_EXTENSIONS": ""})
+        return subprocess.Popen(
+            [sys.executable, "-m", "fastlb", "-N", str(threads), "--bind", "127.0.0.1",
+             "--log-level", "warning", str(port), str(p1), str(p2)], env=env,
+            stderr=subprocess.DEVNULL)
+    if name.startswith("haproxy"):
+        conf = workdir / ("%s.cfg" % name)
+        conf.write_text(HAPROXY % {"port": port, "p1": p1, "p2": p2, "maxconn": max_connections(),
+                                   "splice": "option splice-auto" if name == "haproxy-splice" else ""})
+        return subprocess.Popen(["haproxy", "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    conf = workdir / "stream.conf"
+    conf.write_text(NGINX_STREAM % {"port": port, "p1": p1, "p2": p2, "tmp": workdir})
+    return subprocess.Popen(["nginx", "-c", str(conf), "-g", "daemon off;"],
+                            stderr=subprocess.DEVNULL)
+
+
+def available(name: str) -> str:
+    """'' when the contender can run, else the reason it cannot."""
+    if name == "fastlb-cython":
+        probe = subprocess.run([sys.executable, "-c", "import fastlb._bridge, fastlb._engine"],
+                               env=_env(), capture_output=True)
+        return "" if probe.returncode == 0 else "compiled bridge not built (pip install -e .)"
+    if name.startswith("haproxy") and not shutil.which("haproxy"):
+        return "needs the Debian package: haproxy"
+    if name == "nginx-stream":
+        if not shutil.which("nginx"):
+            return "needs the Debian packages: nginx libnginx-mod-stream"
+        if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+            return "needs the Debian package: libnginx-mod-stream"
+    return ""
+
+
+UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+SIZE = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+
+
+def raise_fd_limit() -> int:
+    """10,000 connections need ~20,000 descriptors in the proxy: raise the limit for our children."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (FD_TARGET, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
+            return target
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def max_connections() -> int:
+    """Client connections a proxy can hold: two descriptors each, and some to spare."""
+    return (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2
+
+
+def parse_wrk(text: str) -> dict:
+    def latency(label: str) -> float:
+        match = re.search(r"^\s*%s\s+([\d.]+)(us|ms|s)\s*$" % label, text, re.M)
+        return float(match.group(1)) * UNITS[match.group(2)] if match else float("nan")
+
+    requests = re.search(r"(\d+) requests in", text)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)(B|KB|MB|GB)", text)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {
+        "requests": int(requests.group(1)) if requests else 0,
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "mbps": float(transfer.group(1)) * SIZE[transfer.group(2)] / 1e6 if transfer else 0.0,
+        "p50": latency("50%"), "p99": latency("99%"),
+        "errors": sum(int(g) for g in errors.groups()) if errors else 0,
+        "non2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def run_wrk(port: int, scenario: str, duration: float) -> dict:
+    path, conns, threads, extra, _ = SCENARIOS[scenario]
+    # A connection with no answer for 2 s counts as a wrk timeout error: a
+    # starved client shows up in the errors column.
+    timeout = "2s" if scenario != "bulk" else "60s"
+    cmd = ["wrk", "-t%d" % threads, "-c%d" % conns, "-d%gs" % duration, "--latency",
+           "--timeout", timeout] + extra + ["http://127.0.0.1:%d%s" % (port, path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+    return parse_wrk(result.stdout)
+
+
+def measure(name: str, scenario: str, args, backends: Backends, workdir: Path) -> dict:
+    port = args.port
+    wait_closed(port)
+    proc = start_contender(name, port, backends, workdir, args.threads)
+    try:
+        wait_port(port)
+        # Warm up and make sure the proxy routes (HAProxy's first check, fastlb's first round).
+        deadline = time.monotonic() + 15
+        while not get(port, "/100b").startswith(b"HTTP/1.1 200") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = process_tree(proc.pid)
+        before = cpu_seconds(pids)
+        figures = run_wrk(port, scenario, args.duration)
+        figures["cpu"] = cpu_seconds(pids) - before
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    served = figures["requests"] or 1
+    figures["cpu_per_req_us"] = figures["cpu"] / served * 1e6
+    return figures
+
+
+def fmt_latency(seconds: float) -> str:
+    if seconds != seconds:
+        return "-"
+    return "%.2fms" % (seconds * 1e3) if seconds < 1 else "%.2fs" % seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of wrk per measurement")
+    parser.add_argument("--scenarios", default="keepalive,close,bulk,c1000,c10000")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--threads", type=int, default=4, help="fastlb -N (default 4)")
+    parser.add_argument("--port", type=int, default=0, help="the proxies' port (default: a free one)")
+    args = parser.parse_args(argv)
+    args.port = args.port or free_port()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error("unknown scenario(s): %s" % ", ".join(sorted(unknown)))
+    if not shutil.which("wrk"):
+        print("compare.py needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+    raise_fd_limit()
+
+    contenders = []
+    for name in args.contenders.split(","):
+        reason = available(name)
+        if reason:
+            print("skipping %s: %s" % (name, reason), file=sys.stderr)
+        else:
+            contenders.append(name)
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="fastlb-compare-") as tmp:
+        workdir = Path(tmp)
+        backends = Backends(workdir)
+        print("backends: %s on %s; proxies on 127.0.0.1:%d; %d round(s) of %gs; %d cores; "
+              "open-file limit %d, so at most %d connections per proxy"
+              % (backends.kind, backends.ports, args.port, args.rounds, args.duration,
+                 os.cpu_count(), resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                 max_connections()), flush=True)
+        try:
+            for round_number in range(1, args.rounds + 1):
+                for scenario in scenarios:
+                    for name in contenders:
+                        figures = measure(name, scenario, args, backends, workdir)
+                        results.setdefault((scenario, name), []).append(figures)
+                        unit = SCENARIOS[scenario][4]
+                        value = figures["mbps"] if unit == "MB/s" else figures["rps"]
+                        print("round %d %-9s %-15s %10.1f %s  p99 %s  errors %d"
+                              % (round_number, scenario, name, value, unit,
+                                 fmt_latency(figures["p99"]), figures["errors"] + figures["non2xx"]),
+                              flush=True)
+        finally:
+            backends.stop()
+    print()
+    print(report(results, scenarios, contenders, args))
+    return 0
+
+
+def report(results: dict, scenarios: list, contenders: list, args) -> str:
+    lines = ["| scenario | contender | median | p50 | p99 | CPU/req | errors | vs HAProxy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for scenario in scenarios:
+        unit = SCENARIOS[scenario][4]
+        key = "mbps" if unit == "MB/s" else "rps"
+        base = results.get((scenario, "haproxy"))
+        base_value = statistics.median(r[key] for r in base) if base else None
+        for name in contenders:
+            runs = results.get((scenario, name))
+            if not runs:
+                continue
+            value = statistics.median(r[key] for r in runs)
+            ratio = "%.2fx" % (value / base_value) if base_value else "-"
+            lines.append("| %s | %s | %.0f %s | %s | %s | %.0f µs | %d | %s |" % (
+                scenario, name, value, unit,
+                fmt_latency(statistics.median(r["p50"] for r in runs)),
+                fmt_latency(statistics.median(r["p99"] for r in runs)),
+                statistics.median(r["cpu_per_req_us"] for r in runs),
+                sum(r["errors"] + r["non2xx"] for r in runs), ratio))
+    lines.append("")
+    lines.append("Command: python benchmarks/compare.py --rounds %d --duration %g --scenarios %s "
+                 "--threads %d" % (args.rounds, args.duration, ",".join(scenarios), args.threads))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
