@@ -31,7 +31,7 @@ class optional_build_ext(build_ext):
         except Exception as exc:
             self._fallback(exc)
         else:
-            sys.stderr.write("*** fastlb: built the compiled bridge (fastlb._bridge)\n")
+            sys.stderr.write("*** fastlb: built the compiled twin %s\n" % ext.name)
 
     def _fallback(self, exc):
         if flag("FASTLB_REQUIRE_EXTENSIONS"):
@@ -46,7 +46,13 @@ def extensions():
     if flag("FASTLB_NO_EXTENSIONS"):
         sys.stderr.write("*** fastlb: FASTLB_NO_EXTENSIONS set, building the pure-Python bridge only\n")
         return []
-    if not os.path.exists(os.path.join("src", "bridge.pyx")):
+    sources = [os.path.join("src", name) for name in ("bridge.pyx", "engine.pyx")]
+    missing = [path for path in sources if not os.path.exists(path)]
+    if missing:
+        # An sdist without its Cython sources would otherwise build pure Python silently.
+        if flag("FASTLB_REQUIRE_EXTENSIONS"):
+            raise SystemExit("fastlb: FASTLB_REQUIRE_EXTENSIONS=1 but %s missing" % ", ".join(missing))
+        sys.stderr.write("*** WARNING fastlb: %s missing; pure-Python bridge only\n" % ", ".join(missing))
         return []
     try:
         from Cython.Build import cythonize
@@ -56,7 +62,8 @@ def extensions():
         sys.stderr.write("*** WARNING fastlb: Cython missing (%s); pure-Python bridge only\n" % exc)
         return []
     return cythonize(
-        [Extension("fastlb._bridge", ["src/bridge.pyx"], extra_compile_args=["-O2"])],
+        [Extension("fastlb._bridge", ["src/bridge.pyx"], extra_compile_args=["-O2"]),
+         Extension("fastlb._engine", ["src/engine.pyx"], extra_compile_args=["-O2"])],
         compiler_directives={"language_level": "3", "embedsignature": True},
     )
 

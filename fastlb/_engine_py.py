@@ -73,6 +73,7 @@ class _Conn:
         "deadline",
         "up", "down", "up_eof", "down_eof", "up_shut", "down_shut", "bytes_up", "bytes_down",
         "status", "head", "last_up", "client_mask", "server_mask", "lingered", "answered",
+        "reported",
     )
 
     def __init__(self, client: socket.socket, addr, ticket, now: float, client_timeout: float):
@@ -93,6 +94,7 @@ class _Conn:
         self.client_mask = self.server_mask = 0
         self.lingered = 0
         self.answered = 0                 # status of fastlb's own answer, if any
+        self.reported = False             # router.finished called: never twice
 
 
 class Engine:
@@ -114,6 +116,7 @@ class Engine:
         self._parked: list[_Conn] = []
         self._unpark = False
         self._stopping = False
+        self._finished = False            # run() has returned
         # Connections owned = added - closed; each counter has one writer
         # thread, so the accept loop can read both without a lock.
         self.added = 0
@@ -127,6 +130,10 @@ class Engine:
         ``ticket`` is passed to ``router.choose`` as is (None: route at once).
         """
         self.added += 1
+        if self._finished:
+            client.close()
+            self.closed += 1
+            return
         self._incoming.append((client, addr, ticket))
         self._wake()
 
@@ -193,8 +200,13 @@ class Engine:
                     for conn in [c for c in self._conns if c.deadline <= now]:
                         self._on_timeout(conn, now)
         finally:
+            self._finished = True
             for conn in list(self._conns):
                 self._close(conn, "client_error")
+            while self._incoming:
+                client, _, _ = self._incoming.popleft()
+                client.close()
+                self.closed += 1
             self._selector.close()
             self._wake_r.close()
             self._wake_w.close()
@@ -279,9 +291,20 @@ class Engine:
             token, family, ip, port = choice
             conn.token = token
             conn.tried.append(token)
-            server = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                server = socket.socket(family, socket.SOCK_STREAM)
+            except OSError:
+                # A local failure (out of descriptors): not the backend's
+                # fault, so it is not marked down; the client gets the 500 as
+                # when a backend fails before its first byte.
+                self._report(conn, "server_error", 500)
+                self._answer(conn, RESPONSE_500, 0)
+                return
             server.setblocking(False)
-            code = server.connect_ex((ip, port))
+            try:
+                code = server.connect_ex((ip, port))
+            except OSError as exc:  # an address the kernel rejects
+                code = exc.errno or errno.EINVAL
             if code in (0, errno.EINPROGRESS):
                 conn.server = server
                 conn.state = CONNECTING
@@ -459,6 +482,9 @@ class Engine:
             conn.server = None
 
     def _report(self, conn: _Conn, end: str, status: int) -> None:
+        if conn.reported:
+            return
+        conn.reported = True
         self.router.finished(conn.token, conn.addr, conn.bytes_up, conn.bytes_down, status, end,
                              time.monotonic() - conn.accepted)
         conn.token = None
@@ -473,11 +499,9 @@ class Engine:
             conn.server.close()
             conn.server = None
         conn.client.close()
-        if end:
-            status = conn.answered or max(conn.status, 0)
-            self._report(conn, end, status)
-        elif conn.answered:
-            self._report(conn, "no_backend", conn.answered)
+        # Reports at most once: a connection answered after a backend failure
+        # was reported when the failure happened.
+        self._report(conn, end or "no_backend", conn.answered or max(conn.status, 0))
         conn.state = None
         self._conns.discard(conn)
         self.closed += 1

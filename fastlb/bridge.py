@@ -8,25 +8,27 @@ other than ``0``; otherwise ``fastlb._bridge_py`` and ``fastlb._engine_py``.
 imports the hot path from here.
 """
 
-import importlib
 import os
 
 NO_EXTENSIONS = os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0")
 
 
-def _load(compiled: str, pure: str):
+def _load_twins():
+    """Both compiled twins, or both pure ones: never a mix."""
     if not NO_EXTENSIONS:
         try:
-            return importlib.import_module(compiled)
+            from fastlb import _bridge, _engine
+
+            return _bridge, _engine
         except ImportError:
             pass
-    return importlib.import_module(pure)
+    from fastlb import _bridge_py, _engine_py
+
+    return _bridge_py, _engine_py
 
 
-_relay_twin = _load("fastlb._bridge", "fastlb._bridge_py")
-_engine_twin = _load("fastlb._engine", "fastlb._engine_py")
+_relay_twin, _engine_twin = _load_twins()
 IMPLEMENTATION = _relay_twin.IMPLEMENTATION
-ENGINE_IMPLEMENTATION = "cython" if _engine_twin.__name__ == "fastlb._engine" else "python"
-__all__ = list(_relay_twin.__all__) + ["Engine", "ENGINE_IMPLEMENTATION"]
+__all__ = list(_relay_twin.__all__) + ["Engine"]
 globals().update({name: getattr(_relay_twin, name) for name in _relay_twin.__all__})
 Engine = _engine_twin.Engine

@@ -532,7 +532,7 @@ cdef void _unblock_sigpipe(Relay* r) noexcept nogil:
 cdef void _start_splice(Relay* r, Direction* d) noexcept nogil:
     """Give direction d a pipe so that it moves bytes with splice(2); copy_only if impossible."""
     cdef int fds[2]
-    cdef int size, flags
+    cdef int size
     # A splice into a socket blocks on a blocking socket whatever the splice
     # flags say, so the deadline would not hold: both sockets go non-blocking
     # for the rest of the relay and get their flags back at the end.
@@ -573,7 +573,7 @@ cdef void _stop_splice(Direction* d) noexcept nogil:
 cdef int _pump(Relay* r, Direction* d, pollfd* pfd, double* now) except -1 nogil:
     """Move one chunk from d.src to d.dst after poll reported d.src; 1 when the relay is over."""
     cdef bint upstream = d == &r.up
-    cdef Py_ssize_t n, take
+    cdef Py_ssize_t n = -1, take
     cdef int err
     cdef int sent
 

@@ -8,6 +8,7 @@ network wait has a deadline; conditions are polled, never slept for.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import select
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -426,14 +428,22 @@ def test_silent_client_is_closed_after_client_timeout_without_touching_a_backend
 
 def test_connections_beyond_max_connections_get_503(procs, tmp_path):
     backend = procs.backend(make_dir(tmp_path, "www", {"who": b"A"}))
-    lb = procs.fastlb("-N", 1, "--max-connections", 3, "--client-timeout", 5, backend.port)
+    admin = free_port()
+    lb = procs.fastlb("-N", 1, "--max-connections", 3, "--client-timeout", 5, "--admin", admin,
+                      backend.port)
     wait_up(lb, backend)
 
     def served() -> bool:
         return status_of(http_get(lb.port, "/who")) == 200
 
-    # (The connection conftest opened to see the port may still be open just now.)
     wait_until(served, 5, interval=0.05, message="a first 200")
+    # Every earlier connection (the fixture's readiness check, the request above)
+    # must be closed before the three idle clients fill the limit.
+    def inflight() -> int:
+        with urllib.request.urlopen("http://127.0.0.1:%d/stats.json" % admin, timeout=5) as answer:
+            return json.load(answer)["inflight"]
+
+    wait_until(lambda: inflight() == 0, 5, message="earlier connections closed")
 
     # Three idle clients fill --max-connections 3: a fourth gets the 503 at once.
     idle = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(3)]

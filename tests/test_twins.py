@@ -33,10 +33,12 @@ def run_python(*args: str, no_extensions: str | None) -> str:
 ])
 def test_compiled_twin_is_what_loads_unless_disabled(no_extensions, expected):
     """A build that silently fell back to Python fails here."""
-    code = "import fastlb.bridge as b; print(b.IMPLEMENTATION, b.relay.__module__)"
-    implementation, module = run_python("-c", code, no_extensions=no_extensions).split()
+    code = ("import fastlb.bridge as b; "
+            "print(b.IMPLEMENTATION, b.relay.__module__, b.Engine.__module__)")
+    implementation, module, engine = run_python("-c", code, no_extensions=no_extensions).split()
     assert implementation == expected
     assert module == ("fastlb._bridge" if expected == "cython" else "fastlb._bridge_py")
+    assert engine == ("fastlb._engine" if expected == "cython" else "fastlb._engine_py")
 
 
 def test_this_process_uses_the_twin_its_environment_asks_for():

@@ -1,0 +1,1291 @@
+# cython: language_level=3, embedsignature=True
+"""Compiled twin of the relay engine: one epoll loop, without the GIL, relaying many connections.
+
+Built from ``src/engine.pyx`` into ``fastlb._engine``.  It has the public API
+of ``fastlb._engine_py`` -- the readable specification -- and makes the same
+decisions in the same states (WAIT, PARKED, CONNECTING, RELAYING, LINGER);
+``tests/test_engine.py`` runs every engine test on both.  Nothing but
+``fastlb.bridge`` imports either twin.
+
+Who runs where:
+
+- ``Engine.run`` runs in one worker thread and never holds the GIL while it
+  waits or moves bytes.  It takes the GIL only to pick up newly added
+  connections, to call the router (``choose``, ``connect_failed``,
+  ``finished``), and to release the Python objects a finished connection held.
+- Any thread holding the GIL may call ``add``, ``wake``, ``stop`` and
+  ``set_timeouts``.  ``add`` appends to a Python list and ``wake``/``stop`` set
+  flags; all three write the eventfd only when no wake-up is pending yet.  The
+  loop swaps the list and reads the flags with the GIL held, so the GIL is the
+  lock for the hand-off.  ``added`` is written only under the GIL by adders,
+  ``closed`` only by the loop thread; ``active`` is their difference.
+
+Who owns which descriptor:
+
+- A client descriptor belongs to the engine from ``add`` on (``detach()``
+  leaves the socket object without one).  Until the loop picks it up it sits in
+  the hand-off list; afterwards in a ``Conn``.  The backend descriptor and the
+  splice pipes are created by the loop.  The loop closes all of them in
+  ``_close``, exactly once, after removing them from epoll.  ``run`` closes
+  every connection still open or still queued when it returns, then the epoll
+  descriptor and the eventfd; an ``add`` after that closes the descriptor
+  itself.
+
+Per connection: a ``Conn`` struct, malloc'ed when the loop picks the
+connection up, on a doubly linked list of live connections (scanned every
+``TICK`` for deadlines); epoll's data word is the ``Conn`` pointer with the low
+bit saying which side.  A closed ``Conn`` moves to a dead list and is freed only
+after the current batch of events, so a stale event in the same batch finds it
+marked closed instead of freed.  Python objects (addr, ticket, the backend
+token, the list of tried backends) are strong references in the struct,
+released when the connection is reported to ``router.finished`` -- which every
+connection is, once, at the end of the loop iteration that ended it.
+"""
+
+import errno as _errno
+import socket as _socket
+
+from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
+from libc.errno cimport (EAGAIN, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL, ENOSYS, ETIMEDOUT,
+                         errno)
+from libc.math cimport ceil
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memmove, memset, strerror, strlen
+
+from http_status cimport STATUS_PREFIX_LEN, status_code
+from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN,
+                         EPOLLOUT, epoll_create1, epoll_ctl, epoll_event, epoll_wait)
+from libc_eventfd cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t, eventfd_write
+from libc_fcntl cimport (F_GETPIPE_SZ, F_SETFL, F_SETPIPE_SZ, O_CLOEXEC, O_NONBLOCK, SPLICE_F_MOVE,
+                         SPLICE_F_NONBLOCK, fcntl)
+from libc_fcntl cimport splice as splice_fd
+from libc_netinet cimport IPPROTO_TCP, TCP_NODELAY, htons, inet_pton, sockaddr_in, sockaddr_in6
+from libc_signal cimport (SIG_BLOCK, SIG_UNBLOCK, SIGPIPE, pthread_sigmask, sigaddset, sigemptyset,
+                          sigismember, sigset_t, sigtimedwait)
+from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC,
+                          SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, connect, getsockopt, recv, send,
+                          setsockopt, shutdown, sockaddr, sockaddr_storage, socket, socklen_t)
+from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from libc_unistd cimport close, pipe2
+
+cdef enum:
+    # One recv per readable event, into the engine's scratch buffer, sent on at
+    # once (write-through).  64 KiB, as in the Python twin: request/response
+    # traffic never has more ready per wake-up, and bulk transfers leave the
+    # copy path for splice after SPLICE_THRESHOLD; a bigger read would only
+    # let one connection hold the loop longer before the others get a turn.
+    C_READ_SIZE = 65536
+
+    # Bytes a direction may hold for a peer that is not draining before we stop
+    # reading its source (back-pressure): four reads' worth, as in the Python
+    # twin.  The buffer is malloc'ed only when a write falls behind, with room
+    # for one more read on top, and freed as soon as it is drained, so an idle
+    # or keep-alive connection holds none.
+    C_BUFFER_LIMIT = 4 * C_READ_SIZE
+    BUFFER_CAPACITY = C_BUFFER_LIMIT + C_READ_SIZE
+
+    # The automatic splice policy of src/bridge.pyx: a direction moves to
+    # splice(2) through its own pipe once it has carried SPLICE_THRESHOLD bytes
+    # and its last read filled the scratch buffer (a bulk transfer, likely to
+    # go on).  Small messages stay on the copy path, where splice measured no
+    # faster and costs a pipe (two descriptors) per direction.
+    SPLICE_THRESHOLD = 1048576
+    BULK_READ = C_READ_SIZE
+
+    # Pipe capacity asked for with F_SETPIPE_SZ: one splice moves up to this
+    # much, and a full pipe is the direction's back-pressure bound.  1 MiB is
+    # the default unprivileged /proc/sys/fs/pipe-max-size; when the per-user
+    # pipe budget is spent the kernel refuses and the pipe keeps 64 KiB.
+    PIPE_SIZE = 1048576
+
+    # Events taken per epoll_wait: enough that a busy loop makes one wait per
+    # few hundred events, small enough (3 KiB of stack) to keep turns short.
+    MAX_EVENTS = 256
+
+    C_LINGER_BYTES = 1 << 20
+
+    # Interest bits, as selectors.EVENT_READ / EVENT_WRITE in the Python twin.
+    READ = 1
+    WRITE = 2
+
+    # Low bit of the epoll data word: the event is for the backend side.
+    SIDE_SERVER = 1
+
+# How often deadlines are checked; timeouts are accurate to this.
+cdef double C_TICK = 0.1
+# The longest a connection stays parked waiting for fresher health figures (see
+# fastlb._engine_py.ROUTE_WAIT).
+cdef double C_ROUTE_WAIT = 0.25
+# After fastlb's own answer: how long we read and discard before closing, so
+# the client's unread request cannot turn our close into a RST.
+cdef double C_LINGER_SECONDS = 1.0
+
+TICK = C_TICK
+ROUTE_WAIT = C_ROUTE_WAIT
+READ_SIZE = C_READ_SIZE
+BUFFER_LIMIT = C_BUFFER_LIMIT
+LINGER_SECONDS = C_LINGER_SECONDS
+LINGER_BYTES = C_LINGER_BYTES
+
+cdef const char* C_RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
+cdef size_t C_RESPONSE_500_LEN = strlen(C_RESPONSE_500)
+RESPONSE_500 = C_RESPONSE_500[:C_RESPONSE_500_LEN]
+
+cdef enum State:
+    ST_WAIT
+    ST_PARKED
+    ST_CONNECTING
+    ST_RELAYING
+    ST_LINGER
+    ST_CLOSED
+
+cdef enum End:
+    END_NONE
+    END_DONE
+    END_CLIENT_TIMEOUT
+    END_CLIENT_CLOSED
+    END_CLIENT_ERROR
+    END_SERVER_ERROR
+    END_SERVER_TIMEOUT
+    END_IDLE_TIMEOUT
+    END_NO_BACKEND
+
+_END_NAMES = ("", "done", "client_timeout", "client_closed", "client_error", "server_error",
+              "server_timeout", "idle_timeout", "no_backend")
+
+cdef enum SpliceMode:
+    SPLICE_AUTO
+    SPLICE_ALWAYS
+    SPLICE_NEVER
+
+cdef enum Route:
+    ROUTE_PARK
+    ROUTE_NONE
+    ROUTE_OK
+
+# Values of the "failed" argument of _connect_next besides a positive errno.
+cdef enum:
+    FAILED_NOTHING = 0
+    FAILED_TIMEOUT = -1
+
+
+cdef struct Direction:
+    # Bytes read but not yet written sit either in buf[start:end] (copy path)
+    # or in the pipe (in_pipe bytes, splice path), never both.
+    unsigned char* buf      # NULL while nothing is held
+    Py_ssize_t start
+    Py_ssize_t end
+    int pipe_r              # -1 while copying
+    int pipe_w
+    Py_ssize_t pipe_size    # 0 while copying
+    Py_ssize_t in_pipe
+    bint copy_only          # no pipe could be made, or the socket cannot splice
+    bint eof                # the source ended its output
+    bint shut               # ... and that was passed on with shutdown(SHUT_WR)
+    Py_ssize_t last_read
+    unsigned long long nbytes   # bytes read from the source
+
+
+cdef struct Conn:
+    Conn* prev              # the live list; the dead list uses next only
+    Conn* next
+    Conn* parked_next       # FIFO of PARKED connections
+    Conn* report_next       # FIFO of connections to report to router.finished
+    bint parked
+    bint reported           # queued for router.finished already: never twice
+    int client
+    int server              # -1 when there is none
+    int client_mask         # registered interest (READ | WRITE), 0 when not in epoll
+    int server_mask
+    State state
+    double accepted
+    double deadline
+    double last_up          # last byte written to the backend
+    Direction up            # client -> backend
+    Direction down          # backend -> client
+    int status              # first response status, -1 until known
+    unsigned char head[STATUS_PREFIX_LEN]
+    Py_ssize_t head_len
+    int answered            # status of fastlb's own answer, if any
+    Py_ssize_t lingered
+    End report_end
+    int report_status
+    double report_duration
+    # Strong references, NULL meaning None; released once reported.
+    PyObject* addr
+    PyObject* ticket
+    PyObject* token
+    PyObject* tried
+
+
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline object _obj(PyObject* p):
+    return <object>p if p != NULL else None
+
+
+cdef inline void _clear(PyObject** slot) noexcept:
+    cdef PyObject* p = slot[0]
+    slot[0] = NULL
+    Py_XDECREF(p)
+
+
+cdef inline Py_ssize_t _held(Direction* d) noexcept nogil:
+    return d.end - d.start + d.in_pipe
+
+
+cdef inline bint _has_room(Direction* d) noexcept nogil:
+    if d.pipe_size:
+        return d.in_pipe < d.pipe_size
+    return d.end - d.start < C_BUFFER_LIMIT
+
+
+cdef inline Py_ssize_t _recv(int fd, void* buf, size_t n, int flags, int* err) noexcept nogil:
+    cdef Py_ssize_t k
+    while True:
+        k = recv(fd, buf, n, flags)
+        if k >= 0:
+            return k
+        err[0] = errno
+        if err[0] != EINTR:
+            return -1
+
+
+cdef inline Py_ssize_t _send(int fd, const void* buf, size_t n, int* err) noexcept nogil:
+    cdef Py_ssize_t k
+    while True:
+        k = send(fd, buf, n, MSG_NOSIGNAL)
+        if k >= 0:
+            return k
+        err[0] = errno
+        if err[0] != EINTR:
+            return -1
+
+
+cdef inline Py_ssize_t _splice(int src, int dst, size_t n, int* err) noexcept nogil:
+    cdef Py_ssize_t k
+    while True:
+        k = splice_fd(src, NULL, dst, NULL, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        if k >= 0:
+            return k
+        err[0] = errno
+        if err[0] != EINTR:
+            return -1
+
+
+cdef inline void _close_fd(int fd) noexcept nogil:
+    # Linux closes the descriptor even when close() reports EINTR: never retry.
+    if fd >= 0:
+        close(fd)
+
+
+cdef void _init_direction(Direction* d) noexcept nogil:
+    memset(d, 0, sizeof(Direction))
+    d.pipe_r = -1
+    d.pipe_w = -1
+
+
+cdef void _release_direction(Direction* d) noexcept nogil:
+    free(d.buf)
+    d.buf = NULL
+    d.start = d.end = 0
+    if d.pipe_size:
+        _close_fd(d.pipe_r)
+        _close_fd(d.pipe_w)
+        d.pipe_r = d.pipe_w = -1
+        d.pipe_size = d.in_pipe = 0
+
+
+cdef bint _start_splice(Direction* d) noexcept nogil:
+    """Give d a pipe so that it moves bytes with splice(2); copy_only when impossible."""
+    cdef int fds[2]
+    cdef int size
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        d.copy_only = True   # out of descriptors, say: copying still works
+        return False
+    size = fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
+    if size < 0:
+        size = fcntl(fds[1], F_GETPIPE_SZ)
+    if size <= 0:
+        _close_fd(fds[0])
+        _close_fd(fds[1])
+        d.copy_only = True
+        return False
+    d.pipe_r = fds[0]
+    d.pipe_w = fds[1]
+    d.pipe_size = size
+    d.in_pipe = 0
+    return True
+
+
+cdef void _stop_splice(Direction* d) noexcept nogil:
+    _close_fd(d.pipe_r)
+    _close_fd(d.pipe_w)
+    d.pipe_r = d.pipe_w = -1
+    d.pipe_size = d.in_pipe = 0
+
+
+cdef void _capture_status(Conn* c, const unsigned char* data, Py_ssize_t n) noexcept nogil:
+    """Decide the first response's status from its first STATUS_PREFIX_LEN bytes (as the twin)."""
+    cdef Py_ssize_t take = STATUS_PREFIX_LEN - c.head_len
+    cdef int code
+    if take > n:
+        take = n
+    memcpy(c.head + c.head_len, data, take)
+    c.head_len += take
+    code = status_code(c.head, c.head_len)
+    if code != 0 or c.head_len >= STATUS_PREFIX_LEN:
+        c.status = code if code > 0 else 0
+
+
+def _connect_reason(int code):
+    if code == ECONNREFUSED:
+        return "connection refused"
+    if code == ETIMEDOUT:
+        return "connect timeout"
+    return "connect failed: %s" % _errno.errorcode.get(code, str(code))
+
+
+cdef class Engine:
+    """An event loop relaying many client/backend pairs without the GIL (see the module comment).
+
+    ``splice`` chooses how bulk bytes move: None (automatic: a direction
+    switches to splice(2) once it has carried 1 MiB in full reads), True
+    (splice from the start, after the backend's status line), False (always
+    copy).  The Python twin accepts and ignores it.
+    """
+
+    cdef readonly object router
+    cdef readonly double server_timeout
+    cdef readonly double idle_timeout
+    cdef readonly double client_timeout
+    cdef readonly double connect_timeout
+    cdef SpliceMode splice_mode
+    cdef int epfd
+    cdef int wakefd
+    # The hand-off, guarded by the GIL: (fd, addr, ticket) tuples and flags.
+    cdef list incoming
+    cdef bint wake_pending
+    cdef bint unpark
+    cdef bint stopping
+    cdef bint running
+    cdef bint finished
+    cdef long long n_added          # written by adders, under the GIL
+    cdef long long n_closed         # written by the loop (or by add once the loop is over)
+    # Loop state, touched only by the thread in run().
+    cdef bint retry_parked
+    cdef double now
+    cdef Conn* live
+    cdef Conn* dead
+    cdef Conn* fresh_head           # picked up from the hand-off, not yet set up
+    cdef Conn* fresh_tail
+    cdef Conn* parked_head
+    cdef Conn* parked_tail
+    cdef Py_ssize_t n_parked
+    cdef Conn* reports_head
+    cdef Conn* reports_tail
+    cdef unsigned char* scratch
+    cdef sockaddr_storage route_addr
+    cdef socklen_t route_len
+    cdef int route_family
+    cdef bint sigpipe_blocked
+
+    def __cinit__(self, router, double server_timeout, double idle_timeout, double client_timeout,
+                  double connect_timeout, splice=None):
+        cdef epoll_event ev
+        cdef int err
+        self.epfd = -1
+        self.wakefd = -1
+        self.router = router
+        self.server_timeout = server_timeout
+        self.idle_timeout = idle_timeout
+        self.client_timeout = client_timeout
+        self.connect_timeout = connect_timeout
+        self.splice_mode = SPLICE_AUTO if splice is None else SPLICE_ALWAYS if splice else SPLICE_NEVER
+        self.incoming = []
+        self.scratch = <unsigned char*>malloc(C_READ_SIZE)
+        if self.scratch == NULL:
+            raise MemoryError()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            err = errno
+            raise OSError(err, strerror(err).decode())
+        self.wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.wakefd < 0:
+            err = errno
+            raise OSError(err, strerror(err).decode())
+        ev.events = EPOLLIN
+        ev.data.u64 = 0   # no Conn: the wake-up
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.wakefd, &ev) < 0:
+            err = errno
+            raise OSError(err, strerror(err).decode())
+
+    def __dealloc__(self):
+        # run() never ran (it closes everything itself as it returns): close what we own.
+        if self.incoming:
+            for fd, _, _ in self.incoming:
+                _close_fd(fd)
+        _close_fd(self.wakefd)
+        _close_fd(self.epfd)
+        free(self.scratch)
+
+    # -- any thread (holding the GIL) ------------------------------------------
+
+    def add(self, client, addr=None, ticket=None):
+        """Hand a freshly accepted client socket to this engine, which now owns its descriptor.
+
+        ``ticket`` is passed to ``router.choose`` as is (None: route at once).
+        The socket object is detached: the engine closes the descriptor.
+        """
+        cdef int fd = client.detach()
+        self.n_added += 1
+        if self.finished:
+            _close_fd(fd)
+            self.n_closed += 1
+            return
+        self.incoming.append((fd, addr, ticket))
+        self._wake()
+
+    @property
+    def active(self):
+        """Connections this engine owns (handed over and not yet closed)."""
+        return self.n_added - self.n_closed
+
+    @property
+    def pending(self):
+        """Connections handed over that the loop has not picked up yet."""
+        return len(self.incoming)
+
+    @property
+    def added(self):
+        """Connections handed over so far."""
+        return self.n_added
+
+    @property
+    def closed(self):
+        """Connections closed so far."""
+        return self.n_closed
+
+    def wake(self):
+        """Ask the engine to retry its parked connections (the router's figures changed)."""
+        self.unpark = True
+        self._wake()
+
+    def stop(self):
+        """Return from ``run`` once every connection has finished."""
+        self.stopping = True
+        self._wake()
+
+    def set_timeouts(self, double server_timeout, double idle_timeout, double client_timeout,
+                     double connect_timeout):
+        """New timeouts, for deadlines set from now on."""
+        self.server_timeout = server_timeout
+        self.idle_timeout = idle_timeout
+        self.client_timeout = client_timeout
+        self.connect_timeout = connect_timeout
+
+    cdef void _wake(self) noexcept:
+        # One eventfd write is enough however many calls come before the loop
+        # reads it (it clears wake_pending, under the GIL, before taking them).
+        # Written with the GIL held, so run() cannot close the eventfd under us.
+        if self.wake_pending or self.wakefd < 0:
+            return
+        self.wake_pending = True
+        eventfd_write(self.wakefd, 1)
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self):
+        """Relay until ``stop()`` was called and every connection has finished; then close everything."""
+        if self.running or self.finished:
+            raise RuntimeError("this engine is already running or has run")
+        self.running = True
+        try:
+            if self.splice_mode != SPLICE_NEVER:
+                self._block_sigpipe()
+            with nogil:
+                self._loop()
+        finally:
+            try:
+                self._shutdown()
+            finally:
+                self.running = False
+
+    cdef int _loop(self) except -1 nogil:
+        cdef epoll_event events[MAX_EVENTS]
+        cdef int n, i, err, timeout_ms
+        cdef uint64_t data
+        cdef Conn* c
+        cdef bint woken, done
+        cdef double next_tick
+        self.now = _monotonic()
+        next_tick = self.now + C_TICK
+        while True:
+            if self.stopping and self.live == NULL:
+                with gil:
+                    done = self._finish_if_idle()
+                if done:
+                    return 0
+            timeout_ms = <int>ceil((next_tick - self.now) * 1000.0)
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms if timeout_ms > 0 else 0)
+            if n < 0:
+                err = errno
+                if err != EINTR:
+                    with gil:
+                        raise OSError(err, strerror(err).decode())
+                n = 0
+            self.now = _monotonic()
+            woken = False
+            for i in range(n):
+                data = events[i].data.u64
+                if data == 0:
+                    woken = True
+                    continue
+                c = <Conn*><uintptr_t>(data & ~(<uint64_t>SIDE_SERVER))
+                if c.state != ST_CLOSED:
+                    self._on_event(c, (data & SIDE_SERVER) == 0, events[i].events)
+            if woken:
+                self._take_incoming()
+            if self.retry_parked:
+                self.retry_parked = False
+                self._retry_parked()
+            self.now = _monotonic()
+            if self.now >= next_tick:
+                next_tick = self.now + C_TICK
+                self._check_deadlines()
+            if self.reports_head != NULL:
+                self._flush_reports()
+            if self.dead != NULL:
+                self._free_dead()
+
+    cdef bint _finish_if_idle(self) noexcept:
+        """With the GIL: nothing left and nothing queued, so the loop may end; later adds close."""
+        if self.incoming:
+            return False
+        self.finished = True
+        return True
+
+    cdef int _take_incoming(self) except -1 nogil:
+        cdef eventfd_t value
+        cdef Conn* c
+        cdef Conn* nxt
+        eventfd_read(self.wakefd, &value)
+        with gil:
+            self._pop_incoming()
+        c = self.fresh_head
+        self.fresh_head = self.fresh_tail = NULL
+        while c != NULL:
+            nxt = c.next
+            self._accept(c)
+            c = nxt
+        return 0
+
+    cdef int _pop_incoming(self) except -1:
+        """With the GIL: take the hand-off list and flags; a Conn for each new connection."""
+        cdef Conn* c
+        cdef int fd
+        self.wake_pending = False
+        if self.unpark:
+            self.unpark = False
+            self.retry_parked = True
+        batch = self.incoming
+        if not batch:
+            return 0
+        self.incoming = []
+        for fd, addr, ticket in batch:
+            c = <Conn*>calloc(1, sizeof(Conn))
+            if c == NULL:
+                _close_fd(fd)
+                self.n_closed += 1
+                self.router.finished(None, addr, 0, 0, 0, "client_error", 0.0)
+                continue
+            c.client = fd
+            c.server = -1
+            c.status = -1
+            _init_direction(&c.up)
+            _init_direction(&c.down)
+            Py_INCREF(addr)
+            c.addr = <PyObject*>addr
+            if ticket is not None:
+                Py_INCREF(ticket)
+                c.ticket = <PyObject*>ticket
+            if self.fresh_tail == NULL:
+                self.fresh_head = c
+            else:
+                self.fresh_tail.next = c
+            self.fresh_tail = c
+        return 0
+
+    cdef void _accept(self, Conn* c) noexcept nogil:
+        cdef int one = 1
+        c.state = ST_WAIT
+        c.accepted = self.now
+        c.deadline = self.now + self.client_timeout
+        c.prev = NULL
+        c.next = self.live
+        if self.live != NULL:
+            self.live.prev = c
+        self.live = c
+        if (fcntl(c.client, F_SETFL, O_NONBLOCK) < 0
+                or setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0):
+            self._close(c, END_CLIENT_ERROR)
+            return
+        self._watch(c, READ, 0)
+
+    # -- interest bookkeeping ----------------------------------------------------
+
+    cdef void _watch(self, Conn* c, int client_mask, int server_mask) noexcept nogil:
+        if c.client >= 0 and c.client_mask != client_mask:
+            self._interest(c.client, c.client_mask, client_mask, <uint64_t><uintptr_t>c)
+            c.client_mask = client_mask
+        if c.server >= 0 and c.server_mask != server_mask:
+            self._interest(c.server, c.server_mask, server_mask,
+                           <uint64_t><uintptr_t>c | SIDE_SERVER)
+            c.server_mask = server_mask
+
+    cdef void _interest(self, int fd, int old, int new, uint64_t data) noexcept nogil:
+        # A failure (ENOMEM, the max_user_watches limit) leaves the side
+        # without events; the connection's deadline still ends it.
+        cdef epoll_event ev
+        ev.events = (EPOLLIN if new & READ else 0) | (EPOLLOUT if new & WRITE else 0)
+        ev.data.u64 = data
+        if not old:
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
+        elif not new:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, &ev)
+        else:
+            epoll_ctl(self.epfd, EPOLL_CTL_MOD, fd, &ev)
+
+    # -- events ----------------------------------------------------------------
+
+    cdef int _on_event(self, Conn* c, bint from_client, unsigned int events) except -1 nogil:
+        cdef int mask
+        if c.state == ST_WAIT:
+            return self._on_first_byte(c)
+        if c.state == ST_CONNECTING:
+            if not from_client:
+                return self._on_connected(c)
+        elif c.state == ST_RELAYING:
+            # As selectors does: an error or hang-up counts as both readable
+            # and writable, limited to what the side is registered for.
+            mask = (READ if events & ~EPOLLOUT else 0) | (WRITE if events & ~EPOLLIN else 0)
+            mask &= c.client_mask if from_client else c.server_mask
+            if mask:
+                self._on_relay(c, from_client, mask)
+        elif c.state == ST_LINGER:
+            self._on_linger(c)
+        return 0
+
+    cdef int _on_first_byte(self, Conn* c) except -1 nogil:
+        cdef unsigned char byte
+        cdef int err = 0
+        cdef Py_ssize_t n = _recv(c.client, &byte, 1, MSG_PEEK, &err)
+        if n < 0:
+            if err != EAGAIN:
+                self._close(c, END_CLIENT_ERROR)
+            return 0
+        if n == 0:
+            self._close(c, END_CLIENT_CLOSED)
+            return 0
+        self._watch(c, 0, 0)
+        return self._connect_next(c, FAILED_NOTHING, False)
+
+    cdef int _connect_next(self, Conn* c, int failed, bint drop_ticket) except -1 nogil:
+        """Connect to the best backend not tried yet, or answer 500 when none is left.
+
+        ``failed`` reports the previous attempt to the router first: an errno,
+        or FAILED_TIMEOUT.  ``drop_ticket``: stop waiting for fresher figures.
+        """
+        cdef int route, fd, err
+        while True:
+            with gil:
+                route = self._route(c, failed, drop_ticket)
+            failed = FAILED_NOTHING
+            drop_ticket = False
+            if route == ROUTE_PARK:
+                if c.state != ST_PARKED:
+                    c.state = ST_PARKED
+                    c.deadline = self.now + C_ROUTE_WAIT
+                self._park(c)
+                return 0
+            if route == ROUTE_NONE:
+                self._answer(c, 500)
+                return 0
+            fd = socket(self.route_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+            if fd < 0:
+                # A local failure (out of descriptors): not the backend's fault,
+                # so it is not marked down; the client gets the 500 as when a
+                # backend fails before its first byte.
+                self._queue_report(c, END_SERVER_ERROR, 500)
+                self._answer(c, 0)
+                return 0
+            err = 0
+            if connect(fd, <sockaddr*>&self.route_addr, self.route_len) < 0:
+                err = errno
+            # EINTR: the connect goes on in the background, like EINPROGRESS.
+            if err == 0 or err == EINPROGRESS or err == EINTR:
+                c.server = fd
+                c.server_mask = 0
+                c.state = ST_CONNECTING
+                c.deadline = self.now + self.connect_timeout
+                self._watch(c, 0, WRITE)
+                return 0
+            _close_fd(fd)
+            failed = err
+
+    cdef int _route(self, Conn* c, int failed, bint drop_ticket) except -1:
+        """With the GIL: report a failed connect, then ask the router; fill route_addr on ROUTE_OK."""
+        reason = None
+        if failed == FAILED_TIMEOUT:
+            reason = "connect timeout (%gs)" % self.connect_timeout
+        elif failed != FAILED_NOTHING:
+            reason = _connect_reason(failed)
+        if drop_ticket:
+            _clear(&c.ticket)
+        while True:
+            if reason is not None:
+                self._report_connect_failed(c, reason)
+            if c.tried == NULL:
+                tried = []
+                Py_INCREF(tried)
+                c.tried = <PyObject*>tried
+            choice = self.router.choose(<object>c.tried, _obj(c.ticket))
+            if choice is False:
+                return ROUTE_PARK
+            _clear(&c.ticket)
+            if choice is None:
+                return ROUTE_NONE
+            token, family, ip, port = choice
+            Py_INCREF(token)
+            c.token = <PyObject*>token
+            (<list>c.tried).append(token)
+            reason = self._set_route_address(family, ip, port)
+            if reason is None:
+                return ROUTE_OK
+
+    cdef int _report_connect_failed(self, Conn* c, reason) except -1:
+        """With the GIL: router.connect_failed for the current backend, which c then forgets."""
+        cdef PyObject* token = c.token
+        c.token = NULL
+        try:
+            self.router.connect_failed(_obj(token), reason)
+        finally:
+            Py_XDECREF(token)
+        return 0
+
+    cdef object _set_route_address(self, family, ip, port):
+        """With the GIL: the sockaddr for (family, ip, port) in route_addr; None, or why it cannot be."""
+        cdef sockaddr_in* sin = <sockaddr_in*>&self.route_addr
+        cdef sockaddr_in6* sin6 = <sockaddr_in6*>&self.route_addr
+        cdef int fam = family
+        cdef int scope = 0
+        host = ip.encode("ascii", "replace") if isinstance(ip, str) else bytes(ip)
+        memset(&self.route_addr, 0, sizeof(self.route_addr))
+        if fam == AF_INET and inet_pton(AF_INET, host, &sin.sin_addr) == 1:
+            sin.sin_family = AF_INET
+            sin.sin_port = htons(<unsigned short>port)
+            self.route_len = sizeof(sockaddr_in)
+            self.route_family = AF_INET
+            return None
+        if fam == AF_INET6 and inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1:
+            sin6.sin6_family = AF_INET6
+            sin6.sin6_port = htons(<unsigned short>port)
+            self.route_len = sizeof(sockaddr_in6)
+            self.route_family = AF_INET6
+            return None
+        # Not a plain numeric address (a scoped IPv6 "fe80::1%eth0", or a name
+        # that was never resolved): what socket.connect would do, once.
+        try:
+            infos = _socket.getaddrinfo(ip, port, fam, _socket.SOCK_STREAM)
+        except OSError as exc:
+            return "connect failed: %s" % (exc.strerror or exc)
+        fam, _, _, _, address = infos[0]
+        host = address[0].split("%")[0].encode("ascii")
+        if fam == AF_INET6:
+            scope = address[3]
+        memset(&self.route_addr, 0, sizeof(self.route_addr))
+        if fam == AF_INET and inet_pton(AF_INET, host, &sin.sin_addr) == 1:
+            sin.sin_family = AF_INET
+            sin.sin_port = htons(<unsigned short>port)
+            self.route_len = sizeof(sockaddr_in)
+        elif fam == AF_INET6 and inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1:
+            sin6.sin6_family = AF_INET6
+            sin6.sin6_port = htons(<unsigned short>port)
+            sin6.sin6_scope_id = scope
+            self.route_len = sizeof(sockaddr_in6)
+        else:
+            return "connect failed: unsupported address %r" % (address,)
+        self.route_family = fam
+        return None
+
+    cdef void _park(self, Conn* c) noexcept nogil:
+        if c.parked:
+            return
+        c.parked = True
+        c.parked_next = NULL
+        if self.parked_tail == NULL:
+            self.parked_head = c
+        else:
+            self.parked_tail.parked_next = c
+        self.parked_tail = c
+        self.n_parked += 1
+
+    cdef Conn* _unpark_first(self) noexcept nogil:
+        cdef Conn* c = self.parked_head
+        if c == NULL:
+            return NULL
+        self.parked_head = c.parked_next
+        if self.parked_head == NULL:
+            self.parked_tail = NULL
+        c.parked_next = NULL
+        c.parked = False
+        self.n_parked -= 1
+        return c
+
+    cdef void _unpark_one(self, Conn* c) noexcept nogil:
+        """Take c off the parked list wherever it is (a closed or timed-out connection)."""
+        cdef Conn* p
+        if not c.parked:
+            return
+        if self.parked_head == c:
+            self._unpark_first()
+            return
+        p = self.parked_head
+        while p != NULL and p.parked_next != c:
+            p = p.parked_next
+        if p != NULL:
+            p.parked_next = c.parked_next
+            if self.parked_tail == c:
+                self.parked_tail = p
+            self.n_parked -= 1
+        c.parked_next = NULL
+        c.parked = False
+
+    cdef int _retry_parked(self) except -1 nogil:
+        # Exactly the connections parked now: one parked again goes to the back.
+        cdef Py_ssize_t count = self.n_parked
+        cdef Conn* c
+        while count > 0:
+            count -= 1
+            c = self._unpark_first()
+            if c == NULL:
+                break
+            if c.state == ST_PARKED:
+                self._connect_next(c, FAILED_NOTHING, False)
+        return 0
+
+    cdef int _on_connected(self, Conn* c) except -1 nogil:
+        cdef int code = 0, one = 1
+        cdef socklen_t length = sizeof(code)
+        if getsockopt(c.server, SOL_SOCKET, SO_ERROR, &code, &length) < 0:
+            code = errno
+        if code:
+            return self._connect_failed(c, code)
+        setsockopt(c.server, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        c.state = ST_RELAYING
+        c.last_up = self.now
+        c.deadline = self.now + self.server_timeout
+        self._update(c)
+        return 0
+
+    cdef int _connect_failed(self, Conn* c, int failed) except -1 nogil:
+        self._watch(c, c.client_mask, 0)
+        _close_fd(c.server)
+        c.server = -1
+        c.server_mask = 0
+        return self._connect_next(c, failed, False)
+
+    cdef void _on_relay(self, Conn* c, bint from_client, int mask) noexcept nogil:
+        cdef End end = END_NONE
+        if mask & READ:
+            end = self._pump(c, from_client)
+        if end == END_NONE and mask & WRITE:
+            end = self._flush(c, not from_client)
+        if end != END_NONE:
+            self._finish(c, end)
+        else:
+            self._update(c)
+
+    cdef End _pump(self, Conn* c, bint from_client) noexcept nogil:
+        """Read once from one side and pass it on; an end reason or END_NONE."""
+        cdef Direction* d = &c.up if from_client else &c.down
+        if not _has_room(d) or d.eof:
+            return END_NONE   # a stale event: the side is no longer read
+        if (d.pipe_size == 0 and not d.copy_only and self.splice_mode != SPLICE_NEVER
+                and _held(d) == 0
+                and (from_client or c.status >= 0)   # the status line is read from copied bytes
+                and (self.splice_mode == SPLICE_ALWAYS
+                     or d.nbytes >= SPLICE_THRESHOLD and d.last_read >= BULK_READ)):
+            _start_splice(d)
+        if d.pipe_size:
+            return self._pump_pipe(c, d, from_client)
+        return self._pump_copy(c, d, from_client)
+
+    cdef End _pump_copy(self, Conn* c, Direction* d, bint from_client) noexcept nogil:
+        cdef int src = c.client if from_client else c.server
+        cdef int dst = c.server if from_client else c.client
+        cdef Py_ssize_t held = d.end - d.start, n, sent
+        cdef unsigned char* into
+        cdef int err = 0
+        if held == 0:
+            into = self.scratch
+        else:
+            if BUFFER_CAPACITY - d.end < C_READ_SIZE:
+                memmove(d.buf, d.buf + d.start, held)
+                d.start = 0
+                d.end = held
+            into = d.buf + d.end
+        n = _recv(src, into, C_READ_SIZE, 0, &err)
+        if n < 0:
+            if err == EAGAIN:
+                return END_NONE
+            return END_CLIENT_ERROR if from_client else END_SERVER_ERROR
+        if n == 0:
+            d.eof = True
+            return END_NONE
+        d.nbytes += n
+        d.last_read = n
+        if not from_client and c.status < 0:
+            _capture_status(c, into, n)
+        c.deadline = self.now + self.idle_timeout
+        if held:
+            d.end += n
+            return END_NONE
+        sent = _send(dst, into, n, &err)
+        if sent < 0:
+            if err != EAGAIN:
+                return END_SERVER_ERROR if from_client else END_CLIENT_ERROR
+            sent = 0
+        if from_client and sent:
+            c.last_up = self.now
+        if sent < n:
+            d.buf = <unsigned char*>malloc(BUFFER_CAPACITY)
+            if d.buf == NULL:
+                return END_SERVER_ERROR if from_client else END_CLIENT_ERROR
+            memcpy(d.buf, into + sent, n - sent)
+            d.start = 0
+            d.end = n - sent
+        return END_NONE
+
+    cdef End _pump_pipe(self, Conn* c, Direction* d, bint from_client) noexcept nogil:
+        cdef int src = c.client if from_client else c.server
+        cdef Py_ssize_t n
+        cdef bint was_empty
+        cdef int err = 0
+        n = _splice(src, d.pipe_w, d.pipe_size - d.in_pipe, &err)
+        if n < 0:
+            if err == EAGAIN:
+                return END_NONE
+            if (err == EINVAL or err == ENOSYS) and d.in_pipe == 0:
+                # This kind of socket cannot splice; nothing is in the pipe.
+                _stop_splice(d)
+                d.copy_only = True
+                return self._pump_copy(c, d, from_client)
+            return END_CLIENT_ERROR if from_client else END_SERVER_ERROR
+        if n == 0:
+            d.eof = True
+            return END_NONE
+        d.nbytes += n
+        d.last_read = n
+        c.deadline = self.now + self.idle_timeout
+        was_empty = d.in_pipe == 0
+        d.in_pipe += n
+        if was_empty:
+            return self._drain_pipe(c, d, from_client)
+        return END_NONE
+
+    cdef End _drain_pipe(self, Conn* c, Direction* d, bint to_server) noexcept nogil:
+        cdef int dst = c.server if to_server else c.client
+        cdef int err = 0
+        cdef Py_ssize_t k = _splice(d.pipe_r, dst, d.in_pipe, &err)
+        if k < 0:
+            if err == EAGAIN:
+                return END_NONE
+            return END_SERVER_ERROR if to_server else END_CLIENT_ERROR
+        d.in_pipe -= k
+        if to_server and k:
+            c.last_up = self.now
+        return END_NONE
+
+    cdef End _flush(self, Conn* c, bint to_server) noexcept nogil:
+        """Write what one direction holds; an end reason or END_NONE."""
+        cdef Direction* d = &c.up if to_server else &c.down
+        cdef int dst = c.server if to_server else c.client
+        cdef Py_ssize_t k
+        cdef int err = 0
+        if _held(d) == 0:
+            return END_NONE
+        if d.pipe_size:
+            k = _splice(d.pipe_r, dst, d.in_pipe, &err)
+        else:
+            k = _send(dst, d.buf + d.start, d.end - d.start, &err)
+        if k < 0:
+            if err == EAGAIN:
+                return END_NONE
+            return END_SERVER_ERROR if to_server else END_CLIENT_ERROR
+        if d.pipe_size:
+            d.in_pipe -= k
+        else:
+            d.start += k
+            if d.start == d.end:
+                free(d.buf)
+                d.buf = NULL
+                d.start = d.end = 0
+        if to_server:
+            c.last_up = self.now
+        c.deadline = self.now + self.idle_timeout
+        return END_NONE
+
+    cdef void _update(self, Conn* c) noexcept nogil:
+        """Pass on finished directions, recompute interests and the deadline; end when both are done."""
+        cdef int client_mask, server_mask
+        if c.up.eof and _held(&c.up) == 0 and not c.up.shut:
+            c.up.shut = True
+            shutdown(c.server, SHUT_WR)
+        if c.down.eof and _held(&c.down) == 0 and not c.down.shut:
+            c.down.shut = True
+            shutdown(c.client, SHUT_WR)
+        if c.up.shut and c.down.shut:
+            self._finish(c, END_DONE)
+            return
+        client_mask = ((READ if not c.up.eof and _has_room(&c.up) else 0)
+                       | (WRITE if _held(&c.down) else 0))
+        server_mask = ((READ if not c.down.eof and _has_room(&c.down) else 0)
+                       | (WRITE if _held(&c.up) else 0))
+        self._watch(c, client_mask, server_mask)
+        if c.down.nbytes == 0 and not c.down.eof:
+            c.deadline = c.last_up + self.server_timeout
+
+    cdef void _on_linger(self, Conn* c) noexcept nogil:
+        cdef int err = 0
+        cdef Py_ssize_t n = _recv(c.client, self.scratch, C_READ_SIZE, 0, &err)
+        if n < 0:
+            if err == EAGAIN:
+                return
+            n = 0
+        c.lingered += n
+        if n == 0 or c.lingered >= C_LINGER_BYTES:
+            self._close(c, END_NONE)
+
+    # -- timeouts --------------------------------------------------------------
+
+    cdef int _check_deadlines(self) except -1 nogil:
+        cdef Conn* c = self.live
+        cdef Conn* nxt
+        cdef double now = self.now
+        while c != NULL:
+            nxt = c.next   # a handler may close c, never another connection
+            if c.deadline <= now:
+                self._on_timeout(c)
+            c = nxt
+        return 0
+
+    cdef int _on_timeout(self, Conn* c) except -1 nogil:
+        if c.state == ST_WAIT:
+            self._close(c, END_CLIENT_TIMEOUT)
+        elif c.state == ST_PARKED:
+            self._unpark_one(c)
+            return self._connect_next(c, FAILED_NOTHING, True)
+        elif c.state == ST_CONNECTING:
+            return self._connect_failed(c, FAILED_TIMEOUT)
+        elif c.state == ST_RELAYING:
+            if c.down.nbytes == 0 and not c.down.eof:
+                self._finish(c, END_SERVER_TIMEOUT)
+            else:
+                self._finish(c, END_IDLE_TIMEOUT)
+        elif c.state == ST_LINGER:
+            self._close(c, END_NONE)
+        return 0
+
+    # -- endings ---------------------------------------------------------------
+
+    cdef void _finish(self, Conn* c, End end) noexcept nogil:
+        """The relay is over: report it, and answer 500 if the backend failed before its first byte."""
+        if c.down.nbytes == 0 and (end == END_SERVER_TIMEOUT or end == END_SERVER_ERROR):
+            self._drop_server(c)
+            self._queue_report(c, end, 500)
+            self._answer(c, 0)
+            return
+        self._close(c, end)
+
+    cdef void _answer(self, Conn* c, int status) noexcept nogil:
+        """Send fastlb's own answer, half-close, and linger before closing.
+
+        ``status`` is 0 when the connection was already reported.
+        """
+        cdef int err = 0
+        self._drop_server(c)
+        c.answered = status
+        if (_send(c.client, C_RESPONSE_500, C_RESPONSE_500_LEN, &err) < 0
+                or shutdown(c.client, SHUT_WR) < 0):
+            # Reported already (status 0): just close.  The Python twin reports
+            # it a second time here, as client_error.
+            self._close(c, END_CLIENT_ERROR if status else END_NONE)
+            return
+        c.state = ST_LINGER
+        c.deadline = self.now + C_LINGER_SECONDS
+        self._watch(c, READ, 0)
+
+    cdef void _drop_server(self, Conn* c) noexcept nogil:
+        if c.server >= 0:
+            self._watch(c, c.client_mask, 0)
+            _close_fd(c.server)
+            c.server = -1
+            c.server_mask = 0
+
+    cdef void _queue_report(self, Conn* c, End end, int status) noexcept nogil:
+        """Report c to router.finished at the end of this loop iteration (once per connection)."""
+        if c.reported:
+            return
+        c.reported = True
+        c.report_end = end
+        c.report_status = status
+        c.report_duration = _monotonic() - c.accepted
+        c.report_next = NULL
+        if self.reports_tail == NULL:
+            self.reports_head = c
+        else:
+            self.reports_tail.report_next = c
+        self.reports_tail = c
+
+    cdef void _close(self, Conn* c, End end) noexcept nogil:
+        """Close both sockets once and queue the report (unless already reported)."""
+        if c.state == ST_CLOSED:
+            return
+        self._watch(c, 0, 0)
+        _close_fd(c.server)
+        c.server = -1
+        _close_fd(c.client)
+        c.client = -1
+        _release_direction(&c.up)
+        _release_direction(&c.down)
+        if end != END_NONE:
+            self._queue_report(c, end, c.answered if c.answered else (c.status if c.status > 0 else 0))
+        elif c.answered:
+            self._queue_report(c, END_NO_BACKEND, c.answered)
+        self._unpark_one(c)
+        c.state = ST_CLOSED
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.live = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
+        c.prev = NULL
+        c.next = self.dead
+        self.dead = c
+        self.n_closed += 1
+
+    cdef int _flush_reports(self) except -1 nogil:
+        with gil:
+            self._report_all()
+        return 0
+
+    cdef int _report_all(self) except -1:
+        """With the GIL: call router.finished for every queued connection, then drop its references."""
+        cdef Conn* c
+        error = None
+        while self.reports_head != NULL:
+            c = self.reports_head
+            self.reports_head = c.report_next
+            c.report_next = NULL
+            try:
+                self.router.finished(_obj(c.token), _obj(c.addr), c.up.nbytes, c.down.nbytes,
+                                     c.report_status, _END_NAMES[c.report_end], c.report_duration)
+            except BaseException as exc:
+                if error is None:
+                    error = exc
+            _clear(&c.token)
+            _clear(&c.tried)
+            _clear(&c.addr)
+            _clear(&c.ticket)
+        self.reports_tail = NULL
+        if error is not None:
+            raise error
+        return 0
+
+    cdef void _free_dead(self) noexcept nogil:
+        cdef Conn* c
+        while self.dead != NULL:
+            c = self.dead
+            self.dead = c.next
+            if c.token != NULL or c.tried != NULL or c.addr != NULL or c.ticket != NULL:
+                with gil:   # never reported: cannot happen, but never leak either
+                    _clear(&c.token)
+                    _clear(&c.tried)
+                    _clear(&c.addr)
+                    _clear(&c.ticket)
+            free(c)
+
+    cdef void _shutdown(self) except *:
+        """With the GIL, as run() returns: close every connection and descriptor left; report them."""
+        cdef Conn* c
+        self.now = _monotonic()
+        while self.live != NULL:
+            self._close(self.live, END_CLIENT_ERROR)
+        # Picked up from the hand-off but not set up (the loop raised meanwhile).
+        while self.fresh_head != NULL:
+            c = self.fresh_head
+            self.fresh_head = c.next
+            c.next = NULL
+            c.accepted = self.now
+            c.state = ST_WAIT
+            c.prev = NULL
+            c.next = self.live
+            self.live = c
+            self._close(c, END_CLIENT_ERROR)
+        self.fresh_tail = NULL
+        self.parked_head = self.parked_tail = NULL
+        self.n_parked = 0
+        queued, self.incoming = self.incoming, []
+        self.finished = True
+        try:
+            self._report_all()
+        finally:
+            self._free_dead()
+            for fd, addr, _ in queued:
+                _close_fd(fd)
+                self.n_closed += 1
+            try:
+                for fd, addr, _ in queued:
+                    self.router.finished(None, addr, 0, 0, 0, "client_error", 0.0)
+            finally:
+                _close_fd(self.wakefd)
+                self.wakefd = -1
+                _close_fd(self.epfd)
+                self.epfd = -1
+                self._unblock_sigpipe()
+
+    # -- SIGPIPE ---------------------------------------------------------------
+
+    cdef void _block_sigpipe(self) noexcept:
+        """Block SIGPIPE in this thread while it runs: splice(2) has no MSG_NOSIGNAL.
+
+        A splice into a socket whose peer is gone fails with EPIPE and raises
+        SIGPIPE too (Python ignores it, but an embedding program may not).
+        Blocked, it stays pending on this thread and is discarded at the end.
+        """
+        cdef sigset_t pipe_only, previous
+        sigemptyset(&pipe_only)
+        sigaddset(&pipe_only, SIGPIPE)
+        if pthread_sigmask(SIG_BLOCK, &pipe_only, &previous) == 0:
+            self.sigpipe_blocked = not sigismember(&previous, SIGPIPE)
+
+    cdef void _unblock_sigpipe(self) noexcept:
+        cdef sigset_t pipe_only
+        cdef timespec no_wait
+        if not self.sigpipe_blocked:
+            return
+        sigemptyset(&pipe_only)
+        sigaddset(&pipe_only, SIGPIPE)
+        no_wait.tv_sec = 0
+        no_wait.tv_nsec = 0
+        while sigtimedwait(&pipe_only, NULL, &no_wait) > 0:
+            pass
+        pthread_sigmask(SIG_UNBLOCK, &pipe_only, NULL)
+        self.sigpipe_blocked = False
