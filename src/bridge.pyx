@@ -34,6 +34,7 @@ from libc_signal cimport (SIG_BLOCK, SIG_UNBLOCK, SIGPIPE, pthread_sigmask, siga
 from libc_socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdown
 from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc_unistd cimport close, pipe2
+from http_status cimport STATUS_PREFIX_LEN, _is_digit, status_code
 
 __all__ = [
     "IMPLEMENTATION",
@@ -60,9 +61,6 @@ cdef enum:
     # See fastlb._bridge_py: a health answer is a status line, a few headers
     # and two integers.
     C_MAX_HEALTH_ANSWER = 4096
-
-    # "HTTP/1.x NNN" plus the character after the code.
-    STATUS_PREFIX_LEN = 13
 
     # The automatic policy moves a direction to splice(2) once it has carried
     # SPLICE_THRESHOLD bytes and its last read brought at least BULK_READ:
@@ -113,39 +111,6 @@ cdef bint IS_TCHAR[256]
 cdef int _c
 for _c in range(256):
     IS_TCHAR[_c] = _c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-cdef inline bint _is_digit(unsigned char c) noexcept nogil:
-    return 0x30 <= c <= 0x39
-
-
-cdef int _status_code(const unsigned char* data, Py_ssize_t n) noexcept nogil:
-    """The status code at the start of data, 0 if more bytes are needed, -1 if malformed."""
-    cdef const char* prefix = b"HTTP/1."
-    cdef Py_ssize_t i
-    cdef int code
-    for i in range(n if n < 7 else 7):
-        if data[i] != <unsigned char>prefix[i]:
-            return -1
-    if n < 8:
-        return 0
-    if not _is_digit(data[7]):
-        return -1
-    if n < 9:
-        return 0
-    if data[8] != 0x20:
-        return -1
-    for i in range(9, 12):
-        if i >= n:
-            return 0
-        if not _is_digit(data[i]):
-            return -1
-    if n < 13:
-        return 0
-    if data[12] != 0x20 and data[12] != 0x0D and data[12] != 0x0A:
-        return -1
-    code = (data[9] - 0x30) * 100 + (data[10] - 0x30) * 10 + (data[11] - 0x30)
-    return code if code >= 100 else -1
 
 
 cdef enum Health:
@@ -227,7 +192,7 @@ cdef Health _parse_health(const unsigned char* data, Py_ssize_t n, bint at_eof, 
 
     if n > C_MAX_HEALTH_ANSWER:
         return HEALTH_TOO_LONG
-    status[0] = _status_code(data, n)
+    status[0] = status_code(data, n)
     if status[0] < 0:
         return HEALTH_BAD_STATUS_LINE
     if status[0] == 0:
@@ -312,10 +277,10 @@ def parse_status_line(data):
     cdef Py_buffer view
     cdef int code
     if type(data) is bytes:
-        return _status_code(<const unsigned char*>PyBytes_AS_STRING(<bytes>data),
+        return status_code(<const unsigned char*>PyBytes_AS_STRING(<bytes>data),
                             PyBytes_GET_SIZE(<bytes>data))
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
-    code = _status_code(<const unsigned char*>view.buf, view.len)
+    code = status_code(<const unsigned char*>view.buf, view.len)
     PyBuffer_Release(&view)
     return code
 
@@ -620,7 +585,7 @@ cdef int _pump(Relay* r, Direction* d, pollfd* pfd, double* now) except -1 nogil
             take = n
         memcpy(r.head + r.head_len, r.buf, take)
         r.head_len += take
-        r.status = _status_code(r.head, r.head_len)
+        r.status = status_code(r.head, r.head_len)
         if r.status == 0 and r.head_len < STATUS_PREFIX_LEN:
             r.status = -1  # undecided: more bytes needed
         elif r.status < 0:

@@ -1,6 +1,5 @@
-# The HTTP/1.x status-line check, as an inline C function any compiled module
-# can cimport (src/engine.pyx does; it is the same function as _status_code in
-# src/bridge.pyx, which could cimport it from here too).
+# The HTTP/1.x status-line check, as an inline C function that both compiled
+# modules cimport (src/bridge.pyx and src/engine.pyx): one definition.
 
 cdef enum:
     # "HTTP/1.x NNN" plus the character after the code.
