@@ -131,9 +131,16 @@ class Proc:
         self._log.close()
 
 
-@pytest.fixture
-def procs(tmp_path):
-    """Start processes that are killed (by PID, ours only) when the test ends."""
+@pytest.fixture(params=_twins())
+def procs(request, tmp_path):
+    """Start processes that are killed (by PID, ours only) when the test ends.
+
+    Every end-to-end test runs twice: fastlb on the compiled twins, then with
+    FASTLB_NO_EXTENSIONS=1 on the pure-Python ones.
+    """
+    if request.param == "cython" and os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
+        pytest.skip("FASTLB_NO_EXTENSIONS is set: the compiled twin is not under test")
+    twin_env = {"FASTLB_NO_EXTENSIONS": "1" if request.param == "python" else ""}
     started: list[Proc] = []
 
     class Factory:
@@ -149,7 +156,7 @@ def procs(tmp_path):
         def fastlb(self, *args, port: int | None = None, env=None, wait: bool = True) -> Proc:
             port = port or free_port()
             argv = [sys.executable, "-m", "fastlb", "--bind", "127.0.0.1", str(port)] + [str(a) for a in args]
-            proc = Proc(argv, tmp_path, "fastlb", env=env)
+            proc = Proc(argv, tmp_path, "fastlb", env=dict(twin_env, **(env or {})))
             proc.port = port
             started.append(proc)
             if wait:
@@ -161,7 +168,7 @@ def procs(tmp_path):
         def run(self, *args, env=None, timeout: float = 20.0) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "-m", "fastlb"] + [str(a) for a in args],
                                   capture_output=True, text=True, timeout=timeout,
-                                  env=child_env(env))
+                                  env=child_env(dict(twin_env, **(env or {}))))
 
     yield Factory()
     for proc in started:
