@@ -187,6 +187,8 @@ HAPROXY = """
 global
     nbthread 1
     maxconn %(maxconn)d
+    # Pipes for splice-auto; the default (maxconn/4) would not fit the open-file limit.
+    maxpipes 512
 defaults
     mode tcp
     timeout connect 5s
@@ -276,7 +278,7 @@ def raise_fd_limit() -> int:
 
 def max_connections() -> int:
     """Client connections a proxy can hold: two descriptors each, and some to spare."""
-    return (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 100) // 2
+    return (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1200) // 2
 
 
 def parse_wrk(text: str) -> dict:
