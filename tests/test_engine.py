@@ -683,3 +683,31 @@ def test_python_objects_handed_to_the_engine_are_released(engine_impl, echo):
     assert not runner.is_alive()
     del conn
     assert [sys.getrefcount(o) for o in (refused, served, addr, ticket)] == before
+
+
+def test_relay_idle_both_ways_is_closed_after_idle_timeout(harness, echo):
+    h = harness(Router(echo.port), idle_timeout=0.6)
+    with h.connect() as client:
+        client.sendall(b"hello")
+        assert client.recv(5) == b"hello"
+        started = time.monotonic()
+        # Nothing moves either way now: the engine closes both sides.
+        assert recv_all(client, 10) == b""
+        assert time.monotonic() - started >= 0.5
+    wait_until(lambda: h.router.done, 5, message="the connection to be reported")
+    token, up, down, status, end = h.router.done[0]
+    assert (token, up, down, end) == (echo.port, 5, 5, "idle_timeout")
+
+
+def test_traffic_in_one_direction_keeps_a_relay_alive_past_idle_timeout(harness, echo):
+    h = harness(Router(echo.port), idle_timeout=0.6)
+    with h.connect() as client:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:   # a byte every 0.2 s for 2.5 idle timeouts
+            client.sendall(b"x")
+            assert client.recv(1) == b"x"
+            time.sleep(0.2)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client, 5) == b""
+    wait_until(lambda: h.router.done, 5, message="the connection to be reported")
+    assert h.router.done[0][4] == "done"
