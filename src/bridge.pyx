@@ -29,8 +29,7 @@ from libc_fcntl cimport (F_GETFL, F_GETPIPE_SZ, F_SETFL, F_SETPIPE_SZ, O_CLOEXEC
                          SPLICE_F_MOVE, SPLICE_F_NONBLOCK, fcntl)
 from libc_fcntl cimport splice as splice_fd
 from libc_poll cimport POLLIN, POLLOUT, poll, pollfd
-from libc_signal cimport (SIG_BLOCK, SIG_UNBLOCK, SIGPIPE, pthread_sigmask, sigaddset, sigemptyset,
-                          sigismember, sigset_t, sigtimedwait)
+from sigpipe cimport block_sigpipe, unblock_sigpipe
 from libc_socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdown
 from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc_unistd cimport close, pipe2
@@ -466,32 +465,14 @@ cdef int _make_nonblocking(int fd) noexcept nogil:
 
 
 cdef void _block_sigpipe(Relay* r) noexcept nogil:
-    """Block SIGPIPE in this thread: splice(2) has no MSG_NOSIGNAL.
-
-    A splice into a socket whose peer is gone fails with EPIPE and also raises
-    SIGPIPE, which would kill a process that left SIGPIPE at its default
-    action.  Blocked, it stays pending on this thread and _release discards
-    it, so splice reports a vanished peer exactly as send(MSG_NOSIGNAL) does.
-    """
-    cdef sigset_t pipe_only, previous
-    sigemptyset(&pipe_only)
-    sigaddset(&pipe_only, SIGPIPE)
-    if pthread_sigmask(SIG_BLOCK, &pipe_only, &previous) == 0:
-        r.sigpipe_blocked = not sigismember(&previous, SIGPIPE)
+    """Block SIGPIPE in this thread while the relay splices (see src/sigpipe.pxd)."""
+    r.sigpipe_blocked = block_sigpipe()
 
 
 cdef void _unblock_sigpipe(Relay* r) noexcept nogil:
-    cdef sigset_t pipe_only
-    cdef timespec no_wait
-    if not r.sigpipe_blocked:
-        return
-    sigemptyset(&pipe_only)
-    sigaddset(&pipe_only, SIGPIPE)
-    no_wait.tv_sec = 0
-    no_wait.tv_nsec = 0
-    sigtimedwait(&pipe_only, NULL, &no_wait)  # discard ours, if a splice raised one
-    pthread_sigmask(SIG_UNBLOCK, &pipe_only, NULL)
-    r.sigpipe_blocked = False
+    if r.sigpipe_blocked:
+        unblock_sigpipe()
+        r.sigpipe_blocked = False
 
 
 cdef void _start_splice(Relay* r, Direction* d) noexcept nogil:

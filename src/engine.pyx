@@ -61,8 +61,7 @@ from libc_fcntl cimport (F_GETPIPE_SZ, F_SETFL, F_SETPIPE_SZ, O_CLOEXEC, O_NONBL
                          SPLICE_F_NONBLOCK, fcntl)
 from libc_fcntl cimport splice as splice_fd
 from libc_netinet cimport IPPROTO_TCP, TCP_NODELAY, htons, inet_pton, sockaddr_in, sockaddr_in6
-from libc_signal cimport (SIG_BLOCK, SIG_UNBLOCK, SIGPIPE, pthread_sigmask, sigaddset, sigemptyset,
-                          sigismember, sigset_t, sigtimedwait)
+from sigpipe cimport block_sigpipe, unblock_sigpipe
 from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC,
                           SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, connect, getsockopt, recv, send,
                           setsockopt, shutdown, sockaddr, sockaddr_storage, socket, socklen_t)
@@ -1264,28 +1263,10 @@ cdef class Engine:
     # -- SIGPIPE ---------------------------------------------------------------
 
     cdef void _block_sigpipe(self) noexcept:
-        """Block SIGPIPE in this thread while it runs: splice(2) has no MSG_NOSIGNAL.
-
-        A splice into a socket whose peer is gone fails with EPIPE and raises
-        SIGPIPE too (Python ignores it, but an embedding program may not).
-        Blocked, it stays pending on this thread and is discarded at the end.
-        """
-        cdef sigset_t pipe_only, previous
-        sigemptyset(&pipe_only)
-        sigaddset(&pipe_only, SIGPIPE)
-        if pthread_sigmask(SIG_BLOCK, &pipe_only, &previous) == 0:
-            self.sigpipe_blocked = not sigismember(&previous, SIGPIPE)
+        """Block SIGPIPE in this thread while it runs (see src/sigpipe.pxd)."""
+        self.sigpipe_blocked = block_sigpipe()
 
     cdef void _unblock_sigpipe(self) noexcept:
-        cdef sigset_t pipe_only
-        cdef timespec no_wait
-        if not self.sigpipe_blocked:
-            return
-        sigemptyset(&pipe_only)
-        sigaddset(&pipe_only, SIGPIPE)
-        no_wait.tv_sec = 0
-        no_wait.tv_nsec = 0
-        while sigtimedwait(&pipe_only, NULL, &no_wait) > 0:
-            pass
-        pthread_sigmask(SIG_UNBLOCK, &pipe_only, NULL)
-        self.sigpipe_blocked = False
+        if self.sigpipe_blocked:
+            unblock_sigpipe()
+            self.sigpipe_blocked = False
