@@ -23,9 +23,9 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 @pytest.fixture
 def browser():
-    # scripts/test installs both; without them this test cannot run at all.
+    # .ci/run installs both; without them this test cannot run at all.
     assert os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER), \
-        "install Debian's chromium and chromium-driver (scripts/test does)"
+        "install Debian's chromium and chromium-driver (.ci/run does)"
     profile = tempfile.mkdtemp(prefix="fastlb-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
