@@ -69,8 +69,7 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 class _Conn:
     __slots__ = (
-        "client", "server", "addr", "ticket", "state", "token", "tried", "accepted", "started",
-        "deadline",
+        "client", "server", "addr", "ticket", "state", "token", "tried", "accepted", "deadline",
         "up", "down", "up_eof", "down_eof", "up_shut", "down_shut", "bytes_up", "bytes_down",
         "status", "head", "last_up", "client_mask", "server_mask", "lingered", "answered",
         "reported",
@@ -81,7 +80,7 @@ class _Conn:
         self.state = WAIT
         self.token = None
         self.tried: list = []
-        self.accepted = self.started = now
+        self.accepted = now
         self.deadline = now + client_timeout
         self.up = bytearray()             # client -> backend, not yet written
         self.down = bytearray()           # backend -> client, not yet written
@@ -322,8 +321,8 @@ class Engine:
             return
         conn.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.state = RELAYING
-        conn.started = conn.last_up = time.monotonic()
-        conn.deadline = conn.started + self.server_timeout
+        conn.last_up = time.monotonic()
+        conn.deadline = conn.last_up + self.server_timeout
         self._update(conn)
 
     def _connect_failed(self, conn: _Conn, reason: str) -> None:

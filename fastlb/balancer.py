@@ -32,9 +32,8 @@ from typing import Optional
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
 from fastlb.admin import AdminServer
-from fastlb.health import HealthChecker, probe
+from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
-from fastlb.settings import Address
 
 log = logging.getLogger("fastlb")
 
@@ -312,18 +311,7 @@ class Balancer:
         # table whose only candidates are still unprobed.
         known = {b.name for b in self.pool.backends if not b.removed}
         fresh = {a.name: a for a in config.backends if a.name not in known}
-        first_probes: dict = {}
-
-        def first_probe(address):
-            started = time.monotonic()
-            result, reason = probe(address, config.probe_timeout)
-            first_probes[address.name] = (result, reason, time.monotonic() - started)
-
-        probes = [threading.Thread(target=first_probe, args=(a,), daemon=True) for a in fresh.values()]
-        for thread in probes:
-            thread.start()
-        for thread in probes:
-            thread.join()
+        first_probes = probe_many(list(fresh.values()), config.probe_timeout)
         added = self.pool.update(config.backends, config.requests, config.rise, config.fall,
                                  first_probes)
         self.health.probe_timeout, self.health.interval = config.probe_timeout, config.interval

@@ -118,23 +118,42 @@ def _errno_reason(code: int) -> str:
     return os.strerror(code)
 
 
+def probe_many(addresses, timeout: float) -> dict:
+    """Probe several backends at once, outside any round: name -> (result, reason, latency).
+
+    Used where no health thread loop is running yet or should be involved: a
+    one-off check, and a reload probing its new backends before the swap.
+    """
+    probes = [Probe(address, timeout) for address in addresses]
+    with selectors.DefaultSelector() as selector:
+        for one in probes:
+            if not one.done:
+                selector.register(one.sock, one.events, one)
+        while any(not one.done for one in probes):
+            deadline = min(one.deadline for one in probes if not one.done)
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                one = key.data
+                one.advance()
+                if one.done:
+                    selector.unregister(one.sock)
+                else:
+                    selector.modify(one.sock, one.events, one)
+            now = time.monotonic()
+            for one in probes:
+                if not one.done and one.deadline <= now:
+                    one.expire()
+                    selector.unregister(one.sock)
+    results = {}
+    for one in probes:
+        one.close()
+        results[one.address.name] = (one.result, one.reason, time.monotonic() - one.started)
+    return results
+
+
 def probe(address: Address, timeout: float) -> tuple[Optional[tuple[int, int]], str]:
     """Probe one backend now: ``((errors, entries), "ok")`` when healthy, else ``(None, reason)``."""
-    one = Probe(address, timeout)
-    with selectors.DefaultSelector() as selector:
-        if not one.done:
-            selector.register(one.sock, one.events)
-        while not one.done:
-            remaining = one.deadline - time.monotonic()
-            if remaining <= 0:
-                one.expire()
-                break
-            if selector.select(remaining):
-                one.advance()
-                if not one.done:
-                    selector.modify(one.sock, one.events)
-    one.close()
-    return one.result, one.reason
+    result, reason, _ = probe_many([address], timeout)[address.name]
+    return result, reason
 
 
 class HealthChecker:
@@ -153,7 +172,6 @@ class HealthChecker:
         self._triggered = False
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
-        self.rounds = 0
 
     # -- any thread ------------------------------------------------------------------
 
@@ -184,7 +202,6 @@ class HealthChecker:
         Once the last probe started here is applied the pool is told, so the
         connections waiting for fresh figures are routed (``BackendPool.round_applied``).
         """
-        self.rounds += 1
         entry = [self.pool.begin_round(), 0]     # [pool's round entry, probes still running]
         for backend in self.pool.backends:
             if self.pool.begin_probe(backend):

@@ -333,10 +333,6 @@ class BackendPool:
 
     # -- observers -------------------------------------------------------------
 
-    def any_probed(self) -> bool:
-        with self._lock:
-            return any(b.state != UNKNOWN for b in self.backends)
-
     def snapshot(self) -> list[dict]:
         """A consistent copy of the table, for display."""
         with self._lock:
