@@ -10,6 +10,7 @@ BUFFER_LIMIT: int
 LINGER_SECONDS: float
 LINGER_BYTES: int
 RESPONSE_500: bytes
+ACCEPT_BATCH: int
 
 _Route = Tuple[Any, int, str, int]  # (token, family, ip, port)
 
@@ -18,6 +19,9 @@ class _Router(Protocol):
     def connect_failed(self, token: Any, reason: str) -> None: ...
     def finished(self, token: Any, addr: Any, bytes_up: int, bytes_down: int, status: int,
                  end: str, duration: float) -> None: ...
+
+def accept_batch(listener: socket.socket, waker: socket.socket,
+                 limit: int = ...) -> list[Tuple[int, Any]]: ...
 
 class Engine:
     """An event loop relaying many client/backend pairs without the GIL."""
@@ -31,7 +35,7 @@ class Engine:
     def __init__(self, router: _Router, server_timeout: float, idle_timeout: float,
                  client_timeout: float, connect_timeout: float,
                  splice: Optional[bool] = None) -> None: ...
-    def add(self, client: socket.socket, addr: Any = None, ticket: Any = None) -> None: ...
+    def add(self, client: Union[int, socket.socket], addr: Any = None, ticket: Any = None) -> None: ...
     @property
     def active(self) -> int: ...
     @property

@@ -30,13 +30,19 @@ Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
   (nothing usable: the client gets the 500) or False (park and ask again);
   ``connect_failed(token, reason)``; ``finished(token, addr, bytes_up,
   bytes_down, status, end, duration)``, once per connection.  These are the
-  only moments the compiled twin takes the GIL.
+  only moments the compiled twin takes the GIL, and it gathers them: it makes
+  the same calls in the same order per connection, but at the end of the loop
+  turn, all of a turn's calls in one GIL section (reports first).
+- ``accept_batch`` is the accept loop's half: wait for clients and take up to
+  a batch of them per call (the compiled twin does it without the GIL, so the
+  accept loop takes the GIL once per batch).
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import select
 import selectors
 import socket
 import time
@@ -65,6 +71,43 @@ RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n
 
 WAIT, PARKED, CONNECTING, RELAYING, LINGER = "wait", "parked", "connecting", "relaying", "linger"
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+# Most clients accept_batch takes per call.
+ACCEPT_BATCH = 64
+
+
+def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACCEPT_BATCH) -> list:
+    """Wait for clients on the non-blocking ``listener`` and accept up to ``limit`` of them.
+
+    Returns ``[(client, addr), ...]`` (``client`` a socket for ``Engine.add``;
+    the caller owns it until then).  Returns an empty list as soon as
+    ``waker`` is readable (it is not read) or a signal interrupted the wait.
+    An accept error other than "try again" is raised as OSError, unless
+    clients were accepted before it: those are returned, and the error comes
+    again on the next call.
+    """
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    poller.register(waker, select.POLLIN)
+    try:
+        ready = poller.poll()
+    except InterruptedError:
+        return []
+    if any(fd == waker.fileno() for fd, _ in ready):
+        return []
+    batch: list = []
+    while len(batch) < min(limit, ACCEPT_BATCH):
+        try:
+            batch.append(listener.accept())
+        except (BlockingIOError, InterruptedError):
+            break
+        except ConnectionAbortedError:
+            continue
+        except OSError:
+            if batch:
+                break
+            raise
+    return batch
 
 
 class _Conn:

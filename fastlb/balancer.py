@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import logging
 import resource
-import select
 import socket
 import threading
 import time
@@ -226,37 +225,39 @@ class Balancer:
     # -- accept loop -----------------------------------------------------------
 
     def _accept_loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.listener.fileno(), select.POLLIN)
-        poller.register(self._wake_r.fileno(), select.POLLIN)
+        # accept_batch waits and accepts without the GIL (compiled twin) and
+        # returns up to a batch at a time, so this thread takes the GIL once
+        # per batch: a per-connection Python accept would contend for it with
+        # every engine.
         while not self._stopping.is_set():
-            poller.poll()
-            while not self._stopping.is_set():
-                try:
-                    conn, addr = self.listener.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        # Out of descriptors: back off instead of spinning.
-                        log.error("accept failed: %s", exc.strerror)
-                        time.sleep(0.1)
-                    break
-                self._dispatch(conn, addr)
+            try:
+                batch = bridge.accept_batch(self.listener, self._wake_r)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: back off instead of spinning.
+                    log.error("accept failed: %s", exc.strerror)
+                    time.sleep(0.1)
+                continue
+            if batch:
+                self._dispatch(batch)
 
-    def _dispatch(self, conn: socket.socket, addr) -> None:
-        trigger, ticket = self.pool.count_accept()
-        if trigger:
-            self.health.trigger()
-        engine = min(self.engines, key=_load)
-        if self.inflight >= self.max_connections or engine.pending >= self.config.max_queue:
-            self._refuse(conn, addr)
-            return
-        # The engine hands ``(addr, round)`` back to Router.finished: the round
-        # this connection asked for, if it was the R-th.
-        engine.add(conn, (addr, ticket + 1 if trigger else 0), ticket)
+    def _dispatch(self, batch: list) -> None:
+        """Count each accepted client and hand it to the least busy engine (or refuse it)."""
+        inflight = self.inflight
+        for client, addr in batch:
+            trigger, ticket = self.pool.count_accept()
+            if trigger:
+                self.health.trigger()
+            engine = min(self.engines, key=_load)
+            if inflight >= self.max_connections or engine.pending >= self.config.max_queue:
+                self._refuse(client, addr)
+                continue
+            # The engine hands ``(addr, round)`` back to Router.finished: the
+            # round this connection asked for, if it was the R-th.
+            engine.add(client, (addr, ticket + 1 if trigger else 0), ticket)
+            inflight += 1
 
-    def _refuse(self, conn: socket.socket, addr) -> None:
+    def _refuse(self, client, addr) -> None:
         self.pool.count_queue_full()
         if self.access_log:
             self.access_log.record(_peer(addr), "", 0, 0, 0.0, 503, "queue_full")
@@ -264,6 +265,7 @@ class Balancer:
                     self.inflight, self.max_connections)
         # Under overload the answer must cost nothing: no lingering, and a
         # client whose buffer is full simply misses it.
+        conn = client if isinstance(client, socket.socket) else socket.socket(fileno=client)
         try:
             conn.setblocking(False)
             conn.send(RESPONSE_503)

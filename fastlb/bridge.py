@@ -29,6 +29,7 @@ def _load_twins():
 
 _relay_twin, _engine_twin = _load_twins()
 IMPLEMENTATION = _relay_twin.IMPLEMENTATION
-__all__ = list(_relay_twin.__all__) + ["Engine"]
+__all__ = list(_relay_twin.__all__) + ["Engine", "accept_batch"]
 globals().update({name: getattr(_relay_twin, name) for name in _relay_twin.__all__})
 Engine = _engine_twin.Engine
+accept_batch = _engine_twin.accept_batch

@@ -10,9 +10,17 @@ decisions in the same states (WAIT, PARKED, CONNECTING, RELAYING, LINGER);
 Who runs where:
 
 - ``Engine.run`` runs in one worker thread and never holds the GIL while it
-  waits or moves bytes.  It takes the GIL only to pick up newly added
-  connections, to call the router (``choose``, ``connect_failed``,
-  ``finished``), and to release the Python objects a finished connection held.
+  waits or moves bytes.  It takes the GIL once at the end of a loop turn that
+  needs it (``_settle``): to pick up newly added connections, to call the
+  router (``finished`` for every connection that ended in the turn, then
+  ``choose``/``connect_failed`` for every one that waits for a backend), and to
+  release the Python objects finished connections held.  One acquisition per
+  batch rather than per connection: with several engines and the accept loop
+  on two cores, each contended acquisition costs futex calls and a context
+  switch, which measured as most of the CPU spent per new connection.
+- ``accept_batch`` runs in the thread that accepts (the main thread): it waits
+  and accepts without the GIL and returns whole batches, so the accept loop
+  takes the GIL once per batch, not once per system call.
 - Any thread holding the GIL may call ``add``, ``wake``, ``stop`` and
   ``set_timeouts``.  ``add`` appends to a Python list and ``wake``/``stop`` set
   flags; all three write the eventfd only when no wake-up is pending yet.  The
@@ -46,8 +54,8 @@ import errno as _errno
 import socket as _socket
 
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EAGAIN, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL, ENOSYS, ETIMEDOUT,
-                         errno)
+from libc.errno cimport (EAGAIN, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL, ENOSYS,
+                         ETIMEDOUT, errno)
 from libc.math cimport ceil
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
@@ -57,14 +65,16 @@ from http_status cimport STATUS_PREFIX_LEN, status_code
 from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN,
                          EPOLLOUT, epoll_create1, epoll_ctl, epoll_event, epoll_wait)
 from libc_eventfd cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t, eventfd_write
-from libc_fcntl cimport (F_GETPIPE_SZ, F_SETFL, F_SETPIPE_SZ, O_CLOEXEC, O_NONBLOCK, SPLICE_F_MOVE,
+from libc_fcntl cimport (F_GETPIPE_SZ, F_SETPIPE_SZ, O_CLOEXEC, O_NONBLOCK, SPLICE_F_MOVE,
                          SPLICE_F_NONBLOCK, fcntl)
 from libc_fcntl cimport splice as splice_fd
-from libc_netinet cimport IPPROTO_TCP, TCP_NODELAY, htons, inet_pton, sockaddr_in, sockaddr_in6
+from libc_netinet cimport (INET6_ADDRSTRLEN, IPPROTO_TCP, TCP_NODELAY, htons, inet_ntop, inet_pton,
+                           ntohl, ntohs, sockaddr_in, sockaddr_in6)
+from libc_poll cimport POLLIN, poll, pollfd
 from sigpipe cimport block_sigpipe, unblock_sigpipe
 from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC,
-                          SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, connect, getsockopt, recv, send,
-                          setsockopt, shutdown, sockaddr, sockaddr_storage, socket, socklen_t)
+                          SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect, getsockopt, recv,
+                          send, setsockopt, shutdown, sockaddr, sockaddr_storage, socket, socklen_t)
 from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc_unistd cimport close, pipe2
 
@@ -133,6 +143,7 @@ RESPONSE_500 = C_RESPONSE_500[:C_RESPONSE_500_LEN]
 
 cdef enum State:
     ST_WAIT
+    ST_ROUTING              # queued for the router (the end of this loop turn)
     ST_PARKED
     ST_CONNECTING
     ST_RELAYING
@@ -191,6 +202,7 @@ cdef struct Conn:
     Conn* next
     Conn* parked_next       # FIFO of PARKED connections
     Conn* report_next       # FIFO of connections to report to router.finished
+    Conn* route_next        # FIFO of connections waiting for the router (ST_ROUTING)
     bint parked
     bint reported           # queued for router.finished already: never twice
     int client
@@ -200,6 +212,7 @@ cdef struct Conn:
     State state
     double accepted
     double deadline
+    double park_deadline    # when parking ends (set when first parked, 0 before)
     double last_up          # last byte written to the backend
     Direction up            # client -> backend
     Direction down          # backend -> client
@@ -211,6 +224,12 @@ cdef struct Conn:
     End report_end
     int report_status
     double report_duration
+    # The routing request (ST_ROUTING) and its answer.
+    int route_failed        # FAILED_NOTHING, FAILED_TIMEOUT or the errno of the last connect
+    bint route_drop_ticket
+    Route route
+    sockaddr_storage peer   # the backend's address when route is ROUTE_OK
+    socklen_t peer_len
     # Strong references, NULL meaning None; released once reported.
     PyObject* addr
     PyObject* ticket
@@ -342,6 +361,77 @@ cdef void _capture_status(Conn* c, const unsigned char* data, Py_ssize_t n) noex
         c.status = code if code > 0 else 0
 
 
+cdef enum:
+    # Most clients accept_batch takes per call (and so per GIL acquisition).
+    C_ACCEPT_BATCH = 64
+
+ACCEPT_BATCH = C_ACCEPT_BATCH
+
+
+def accept_batch(listener, waker, int limit=C_ACCEPT_BATCH):
+    """Wait for clients on ``listener`` and accept up to ``limit`` of them, without the GIL.
+
+    Returns ``[(client, addr), ...]``: ``client`` is a non-blocking,
+    close-on-exec descriptor for ``Engine.add`` (the caller owns it until
+    then), ``addr`` the peer as ``socket.accept`` gives it.  Returns an empty
+    list as soon as ``waker`` is readable (it is not read: the caller decides
+    what a wake-up means), and when a signal interrupted the wait, so that the
+    caller's signal handlers run.  An accept error other than "try again" is
+    raised as OSError, unless clients were accepted before it: those are
+    returned, and the error comes again on the next call.
+    """
+    cdef int lfd = listener.fileno()
+    cdef int wfd = waker.fileno()
+    cdef pollfd fds[2]
+    cdef int fd_list[C_ACCEPT_BATCH]
+    cdef sockaddr_storage addrs[C_ACCEPT_BATCH]
+    cdef socklen_t length
+    cdef int n = 0, k, err = 0
+    if limit > C_ACCEPT_BATCH:
+        limit = C_ACCEPT_BATCH
+    fds[0].fd = lfd
+    fds[0].events = POLLIN
+    fds[1].fd = wfd
+    fds[1].events = POLLIN
+    with nogil:
+        k = poll(fds, 2, -1)
+        if k < 0:
+            err = errno
+        elif not fds[1].revents:
+            while n < limit:
+                length = sizeof(sockaddr_storage)
+                k = accept4(lfd, <sockaddr*>&addrs[n], &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
+                if k >= 0:
+                    fd_list[n] = k
+                    n += 1
+                    continue
+                err = errno
+                if err == ECONNABORTED:   # the client gave up in the backlog: next one
+                    err = 0
+                    continue
+                if err == EAGAIN or err == EINTR:
+                    err = 0
+                break
+    if err and err != EINTR and n == 0:
+        raise OSError(err, strerror(err).decode())
+    return [(fd_list[k], _sockaddr_tuple(&addrs[k])) for k in range(n)]
+
+
+cdef object _sockaddr_tuple(sockaddr_storage* addr):
+    """The peer address as the socket module gives it: (ip, port) or (ip, port, flowinfo, scope_id)."""
+    cdef char text[INET6_ADDRSTRLEN]
+    cdef sockaddr_in* sin = <sockaddr_in*>addr
+    cdef sockaddr_in6* sin6 = <sockaddr_in6*>addr
+    if addr.ss_family == AF_INET:
+        inet_ntop(AF_INET, &sin.sin_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(sin.sin_port))
+    if addr.ss_family == AF_INET6:
+        inet_ntop(AF_INET6, &sin6.sin6_addr, text, sizeof(text))
+        return (text.decode("ascii"), ntohs(sin6.sin6_port), ntohl(sin6.sin6_flowinfo),
+                sin6.sin6_scope_id)
+    return None
+
+
 def _connect_reason(int code):
     if code == ECONNREFUSED:
         return "connection refused"
@@ -388,10 +478,11 @@ cdef class Engine:
     cdef Py_ssize_t n_parked
     cdef Conn* reports_head
     cdef Conn* reports_tail
+    cdef Conn* routes_head          # waiting for the router (ST_ROUTING)
+    cdef Conn* routes_tail
+    cdef Conn* decided_head         # routed in this GIL section, to act on without it
+    cdef Conn* decided_tail
     cdef unsigned char* scratch
-    cdef sockaddr_storage route_addr
-    cdef socklen_t route_len
-    cdef int route_family
     cdef bint sigpipe_blocked
 
     def __cinit__(self, router, double server_timeout, double idle_timeout, double client_timeout,
@@ -436,12 +527,18 @@ cdef class Engine:
     # -- any thread (holding the GIL) ------------------------------------------
 
     def add(self, client, addr=None, ticket=None):
-        """Hand a freshly accepted client socket to this engine, which now owns its descriptor.
+        """Hand a freshly accepted client to this engine, which now owns its descriptor.
 
-        ``ticket`` is passed to ``router.choose`` as is (None: route at once).
-        The socket object is detached: the engine closes the descriptor.
+        ``client`` is a non-blocking descriptor from ``accept_batch``, or a
+        socket object (made non-blocking and detached here).  ``ticket`` is passed to ``router.choose`` as is
+        (None: route at once).  The engine closes the descriptor.
         """
-        cdef int fd = client.detach()
+        cdef int fd
+        if isinstance(client, int):
+            fd = client
+        else:
+            client.setblocking(False)
+            fd = client.detach()
         self.n_added += 1
         if self.finished:
             _close_fd(fd)
@@ -548,17 +645,12 @@ cdef class Engine:
                 c = <Conn*><uintptr_t>(data & ~(<uint64_t>SIDE_SERVER))
                 if c.state != ST_CLOSED:
                     self._on_event(c, (data & SIDE_SERVER) == 0, events[i].events)
-            if woken:
-                self._take_incoming()
-            if self.retry_parked:
-                self.retry_parked = False
-                self._retry_parked()
             self.now = _monotonic()
             if self.now >= next_tick:
                 next_tick = self.now + C_TICK
                 self._check_deadlines()
-            if self.reports_head != NULL:
-                self._flush_reports()
+            if woken or self.reports_head != NULL or self.routes_head != NULL:
+                self._settle(woken)
             if self.dead != NULL:
                 self._free_dead()
 
@@ -569,20 +661,48 @@ cdef class Engine:
         self.finished = True
         return True
 
-    cdef int _take_incoming(self) except -1 nogil:
+    cdef int _settle(self, bint woken) except -1 nogil:
+        """The end of a loop turn: everything that needs Python, in one GIL section per pass.
+
+        Each pass takes the new connections and the flags from the hand-off,
+        reports the finished connections, and asks the router about every
+        connection queued for it; then, without the GIL, sets up the new
+        connections and acts on the answers (park, answer 500, or connect).
+        A connect that fails at once queues its connection again, so passes
+        repeat until nothing waits for Python.  Reports go first so that the
+        router sees a backend's finished connections before choosing.
+        """
         cdef eventfd_t value
         cdef Conn* c
         cdef Conn* nxt
-        eventfd_read(self.wakefd, &value)
-        with gil:
-            self._pop_incoming()
-        c = self.fresh_head
-        self.fresh_head = self.fresh_tail = NULL
-        while c != NULL:
-            nxt = c.next
-            self._accept(c)
-            c = nxt
-        return 0
+        if woken:
+            eventfd_read(self.wakefd, &value)
+        while True:
+            with gil:
+                if woken:
+                    self._pop_incoming()
+                    woken = False
+                if self.retry_parked:
+                    self.retry_parked = False
+                    self._requeue_parked()
+                if self.reports_head != NULL:
+                    self._report_all()
+                self._route_all()
+            c = self.fresh_head
+            self.fresh_head = self.fresh_tail = NULL
+            while c != NULL:
+                nxt = c.next
+                self._accept(c)
+                c = nxt
+            c = self.decided_head
+            self.decided_head = self.decided_tail = NULL
+            while c != NULL:
+                nxt = c.route_next
+                c.route_next = NULL
+                self._act(c)
+                c = nxt
+            if self.routes_head == NULL and self.reports_head == NULL:
+                return 0
 
     cdef int _pop_incoming(self) except -1:
         """With the GIL: take the hand-off list and flags; a Conn for each new connection."""
@@ -630,8 +750,7 @@ cdef class Engine:
         if self.live != NULL:
             self.live.prev = c
         self.live = c
-        if (fcntl(c.client, F_SETFL, O_NONBLOCK) < 0
-                or setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0):
+        if setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0:
             self._close(c, END_CLIENT_ERROR)
             return
         self._watch(c, READ, 0)
@@ -695,50 +814,77 @@ cdef class Engine:
         return self._connect_next(c, FAILED_NOTHING, False)
 
     cdef int _connect_next(self, Conn* c, int failed, bint drop_ticket) except -1 nogil:
-        """Connect to the best backend not tried yet, or answer 500 when none is left.
+        """Queue c for the router: the best backend not tried yet, or 500 when none is left.
 
-        ``failed`` reports the previous attempt to the router first: an errno,
-        or FAILED_TIMEOUT.  ``drop_ticket``: stop waiting for fresher figures.
+        The router is asked at the end of this loop turn (``_settle``), in one
+        GIL section with every other connection waiting for it.  ``failed``
+        reports the previous attempt first: an errno, or FAILED_TIMEOUT.
+        ``drop_ticket``: stop waiting for fresher figures.
         """
-        cdef int route, fd, err
-        while True:
-            with gil:
-                route = self._route(c, failed, drop_ticket)
-            failed = FAILED_NOTHING
-            drop_ticket = False
-            if route == ROUTE_PARK:
-                if c.state != ST_PARKED:
-                    c.state = ST_PARKED
-                    c.deadline = self.now + C_ROUTE_WAIT
-                self._park(c)
-                return 0
-            if route == ROUTE_NONE:
-                self._answer(c, 500)
-                return 0
-            fd = socket(self.route_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
-            if fd < 0:
-                # A local failure (out of descriptors): not the backend's fault,
-                # so it is not marked down; the client gets the 500 as when a
-                # backend fails before its first byte.
-                self._queue_report(c, END_SERVER_ERROR, 500)
-                self._answer(c, 0)
-                return 0
-            err = 0
-            if connect(fd, <sockaddr*>&self.route_addr, self.route_len) < 0:
-                err = errno
-            # EINTR: the connect goes on in the background, like EINPROGRESS.
-            if err == 0 or err == EINPROGRESS or err == EINTR:
-                c.server = fd
-                c.server_mask = 0
-                c.state = ST_CONNECTING
-                c.deadline = self.now + self.connect_timeout
-                self._watch(c, 0, WRITE)
-                return 0
-            _close_fd(fd)
-            failed = err
+        c.state = ST_ROUTING
+        c.route_failed = failed
+        c.route_drop_ticket = drop_ticket
+        c.route_next = NULL
+        if self.routes_tail == NULL:
+            self.routes_head = c
+        else:
+            self.routes_tail.route_next = c
+        self.routes_tail = c
+        return 0
 
-    cdef int _route(self, Conn* c, int failed, bint drop_ticket) except -1:
-        """With the GIL: report a failed connect, then ask the router; fill route_addr on ROUTE_OK."""
+    cdef int _route_all(self) except -1:
+        """With the GIL: ask the router about every queued connection; move each to the decided list."""
+        cdef Conn* c
+        while self.routes_head != NULL:
+            c = self.routes_head
+            self.routes_head = c.route_next
+            if self.routes_head == NULL:
+                self.routes_tail = NULL
+            c.route_next = NULL
+            c.route = self._route(c, c.route_failed, c.route_drop_ticket)
+            if self.decided_tail == NULL:
+                self.decided_head = c
+            else:
+                self.decided_tail.route_next = c
+            self.decided_tail = c
+        return 0
+
+    cdef int _act(self, Conn* c) except -1 nogil:
+        """Carry out the router's answer for c: park it, answer 500, or start connecting."""
+        cdef int fd, err = 0
+        if c.route == ROUTE_PARK:
+            if c.park_deadline == 0:
+                c.park_deadline = self.now + C_ROUTE_WAIT
+            c.state = ST_PARKED
+            c.deadline = c.park_deadline
+            self._park(c)
+            return 0
+        if c.route == ROUTE_NONE:
+            self._answer(c, 500)
+            return 0
+        fd = socket(c.peer.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            # A local failure (out of descriptors): not the backend's fault,
+            # so it is not marked down; the client gets the 500 as when a
+            # backend fails before its first byte.
+            self._queue_report(c, END_SERVER_ERROR, 500)
+            self._answer(c, 0)
+            return 0
+        if connect(fd, <sockaddr*>&c.peer, c.peer_len) < 0:
+            err = errno
+        # EINTR: the connect goes on in the background, like EINPROGRESS.
+        if err == 0 or err == EINPROGRESS or err == EINTR:
+            c.server = fd
+            c.server_mask = 0
+            c.state = ST_CONNECTING
+            c.deadline = self.now + self.connect_timeout
+            self._watch(c, 0, WRITE)
+            return 0
+        _close_fd(fd)
+        return self._connect_next(c, err, False)
+
+    cdef Route _route(self, Conn* c, int failed, bint drop_ticket) except *:
+        """With the GIL: report a failed connect, then ask the router; fill c.peer on ROUTE_OK."""
         reason = None
         if failed == FAILED_TIMEOUT:
             reason = "connect timeout (%gs)" % self.connect_timeout
@@ -763,7 +909,7 @@ cdef class Engine:
             Py_INCREF(token)
             c.token = <PyObject*>token
             (<list>c.tried).append(token)
-            reason = self._set_route_address(family, ip, port)
+            reason = self._set_peer(c, family, ip, port)
             if reason is None:
                 return ROUTE_OK
 
@@ -777,25 +923,23 @@ cdef class Engine:
             Py_XDECREF(token)
         return 0
 
-    cdef object _set_route_address(self, family, ip, port):
-        """With the GIL: the sockaddr for (family, ip, port) in route_addr; None, or why it cannot be."""
-        cdef sockaddr_in* sin = <sockaddr_in*>&self.route_addr
-        cdef sockaddr_in6* sin6 = <sockaddr_in6*>&self.route_addr
+    cdef object _set_peer(self, Conn* c, family, ip, port):
+        """With the GIL: the sockaddr for (family, ip, port) in c.peer; None, or why it cannot be."""
+        cdef sockaddr_in* sin = <sockaddr_in*>&c.peer
+        cdef sockaddr_in6* sin6 = <sockaddr_in6*>&c.peer
         cdef int fam = family
         cdef int scope = 0
         host = ip.encode("ascii", "replace") if isinstance(ip, str) else bytes(ip)
-        memset(&self.route_addr, 0, sizeof(self.route_addr))
+        memset(&c.peer, 0, sizeof(c.peer))
         if fam == AF_INET and inet_pton(AF_INET, host, &sin.sin_addr) == 1:
             sin.sin_family = AF_INET
             sin.sin_port = htons(<unsigned short>port)
-            self.route_len = sizeof(sockaddr_in)
-            self.route_family = AF_INET
+            c.peer_len = sizeof(sockaddr_in)
             return None
         if fam == AF_INET6 and inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1:
             sin6.sin6_family = AF_INET6
             sin6.sin6_port = htons(<unsigned short>port)
-            self.route_len = sizeof(sockaddr_in6)
-            self.route_family = AF_INET6
+            c.peer_len = sizeof(sockaddr_in6)
             return None
         # Not a plain numeric address (a scoped IPv6 "fe80::1%eth0", or a name
         # that was never resolved): what socket.connect would do, once.
@@ -807,19 +951,18 @@ cdef class Engine:
         host = address[0].split("%")[0].encode("ascii")
         if fam == AF_INET6:
             scope = address[3]
-        memset(&self.route_addr, 0, sizeof(self.route_addr))
+        memset(&c.peer, 0, sizeof(c.peer))
         if fam == AF_INET and inet_pton(AF_INET, host, &sin.sin_addr) == 1:
             sin.sin_family = AF_INET
             sin.sin_port = htons(<unsigned short>port)
-            self.route_len = sizeof(sockaddr_in)
+            c.peer_len = sizeof(sockaddr_in)
         elif fam == AF_INET6 and inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1:
             sin6.sin6_family = AF_INET6
             sin6.sin6_port = htons(<unsigned short>port)
             sin6.sin6_scope_id = scope
-            self.route_len = sizeof(sockaddr_in6)
+            c.peer_len = sizeof(sockaddr_in6)
         else:
             return "connect failed: unsupported address %r" % (address,)
-        self.route_family = fam
         return None
 
     cdef void _park(self, Conn* c) noexcept nogil:
@@ -865,17 +1008,13 @@ cdef class Engine:
         c.parked_next = NULL
         c.parked = False
 
-    cdef int _retry_parked(self) except -1 nogil:
-        # Exactly the connections parked now: one parked again goes to the back.
-        cdef Py_ssize_t count = self.n_parked
-        cdef Conn* c
-        while count > 0:
-            count -= 1
-            c = self._unpark_first()
-            if c == NULL:
-                break
+    cdef int _requeue_parked(self) except -1 nogil:
+        """Queue every parked connection for the router again (its figures changed)."""
+        cdef Conn* c = self._unpark_first()
+        while c != NULL:
             if c.state == ST_PARKED:
                 self._connect_next(c, FAILED_NOTHING, False)
+            c = self._unpark_first()
         return 0
 
     cdef int _on_connected(self, Conn* c) except -1 nogil:
@@ -1180,11 +1319,6 @@ cdef class Engine:
         self.dead = c
         self.n_closed += 1
 
-    cdef int _flush_reports(self) except -1 nogil:
-        with gil:
-            self._report_all()
-        return 0
-
     cdef int _report_all(self) except -1:
         """With the GIL: call router.finished for every queued connection, then drop its references."""
         cdef Conn* c
@@ -1239,6 +1373,9 @@ cdef class Engine:
             self.live = c
             self._close(c, END_CLIENT_ERROR)
         self.fresh_tail = NULL
+        # Connections waiting for the router or decided are live: closed above.
+        self.routes_head = self.routes_tail = NULL
+        self.decided_head = self.decided_tail = NULL
         self.parked_head = self.parked_tail = NULL
         self.n_parked = 0
         queued, self.incoming = self.incoming, []

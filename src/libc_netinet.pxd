@@ -1,9 +1,10 @@
 # Declarations from <netinet/in.h>, <netinet/tcp.h> and <arpa/inet.h> used by
-# src/engine.pyx: IPv4/IPv6 socket addresses built from a numeric address.
+# src/engine.pyx: IPv4/IPv6 socket addresses built from a numeric address, and
+# turned back into one for accepted clients.
 
 from libc.stdint cimport uint16_t, uint32_t
 
-from libc_socket cimport sa_family_t
+from libc_socket cimport sa_family_t, socklen_t
 
 cdef extern from "netinet/in.h" nogil:
     ctypedef uint16_t in_port_t
@@ -30,10 +31,16 @@ cdef extern from "netinet/in.h" nogil:
         IPPROTO_TCP
 
     uint16_t htons(uint16_t value)
+    uint16_t ntohs(uint16_t value)
+    uint32_t ntohl(uint32_t value)
 
 cdef extern from "netinet/tcp.h" nogil:
     enum:
         TCP_NODELAY
 
 cdef extern from "arpa/inet.h" nogil:
+    enum:
+        INET6_ADDRSTRLEN
+
     int inet_pton(int family, const char* text, void* address)
+    const char* inet_ntop(int family, const void* address, char* text, socklen_t size)

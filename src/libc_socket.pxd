@@ -34,6 +34,7 @@ cdef extern from "sys/socket.h" nogil:
         MSG_PEEK
 
     int socket(int domain, int type, int protocol)
+    int accept4(int fd, sockaddr* addr, socklen_t* addrlen, int flags)
     int connect(int fd, const sockaddr* addr, socklen_t addrlen)
     int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
     int setsockopt(int fd, int level, int name, const void* value, socklen_t length)

@@ -351,6 +351,8 @@ def test_both_engine_twins_offer_the_same_api_and_constants():
     assert compiled.BUFFER_LIMIT >= python.BUFFER_LIMIT
     for name in ("add", "wake", "stop", "set_timeouts", "run", "active", "pending", "added", "closed"):
         assert hasattr(compiled.Engine, name), name
+    assert compiled.ACCEPT_BATCH == python.ACCEPT_BATCH
+    assert callable(compiled.accept_batch) and callable(python.accept_batch)
     assert compiled.RESPONSE_500 == b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -358,8 +360,113 @@ def test_engine_stub_declares_the_compiled_names():
     stub = (ROOT / "fastlb" / "_engine.pyi").read_text()
     namespace: dict = {}
     exec(compile(stub, "_engine.pyi", "exec"), namespace)
-    for name in ENGINE_CONSTANTS + ("READ_SIZE", "BUFFER_LIMIT", "Engine"):
+    for name in ENGINE_CONSTANTS + ("READ_SIZE", "BUFFER_LIMIT", "ACCEPT_BATCH", "Engine",
+                                    "accept_batch"):
         assert name in namespace or name in namespace.get("__annotations__", {}), name
+
+
+# -- accept_batch: the accept loop's half --------------------------------------------
+
+def _listener(family=socket.AF_INET, host="127.0.0.1"):
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _accept_all(engine_impl, listener, waker, count, limit=None):
+    """Call accept_batch until ``count`` clients came (each call must return a non-empty batch)."""
+    got = []
+    while len(got) < count:
+        batch = (engine_impl.accept_batch(listener, waker) if limit is None
+                 else engine_impl.accept_batch(listener, waker, limit))
+        assert batch, "accept_batch returned nothing though clients were waiting"
+        if limit is not None:
+            assert len(batch) <= limit
+        got.extend(batch)
+    return got
+
+
+def _close_client(client):
+    if isinstance(client, int):
+        os.close(client)
+    else:
+        client.close()
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_accept_batch_takes_waiting_clients_with_their_addresses(engine_impl, family, host):
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        listener = _listener(family, host)
+    except OSError as exc:
+        pytest.skip("cannot listen on [::1]: %s" % exc)
+    waker, waker_w = socket.socketpair()
+    clients = [socket.create_connection((host, listener.getsockname()[1]), timeout=5)
+               for _ in range(10)]
+    try:
+        got = _accept_all(engine_impl, listener, waker, 10, limit=3)
+        # The address is what socket.accept gives: the client's own address.
+        assert sorted(addr for _, addr in got) == sorted(c.getsockname() for c in clients)
+        for client, _ in got:
+            if isinstance(client, int):   # compiled: a non-blocking, close-on-exec descriptor
+                import fcntl
+                assert fcntl.fcntl(client, fcntl.F_GETFL) & os.O_NONBLOCK
+                assert fcntl.fcntl(client, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            _close_client(client)
+    finally:
+        for sock in clients + [listener, waker, waker_w]:
+            sock.close()
+
+
+def test_accept_batch_returns_empty_once_the_waker_is_readable(engine_impl):
+    listener = _listener()
+    waker, waker_w = socket.socketpair()
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(engine_impl.accept_batch(listener, waker)),
+                              daemon=True)
+    try:
+        thread.start()
+        waker_w.send(b"x")
+        thread.join(5)
+        assert not thread.is_alive(), "accept_batch did not return when woken"
+        assert result == [[]]
+        # The byte is left for the caller, so a waiting client is not taken either.
+        client = socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=5)
+        assert engine_impl.accept_batch(listener, waker) == []
+        client.close()
+    finally:
+        for sock in (listener, waker, waker_w):
+            sock.close()
+
+
+def test_accepted_descriptors_are_relayed_by_the_engine(engine_impl, echo):
+    """What accept_batch returns is what Engine.add takes."""
+    router = Router(echo.port)
+    engine = engine_impl.Engine(router, 5.0, 10.0, 5.0, 2.0)
+    runner = threading.Thread(target=engine.run, daemon=True)
+    runner.start()
+    listener = _listener()
+    waker, waker_w = socket.socketpair()
+    clients = [socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=5)
+               for _ in range(5)]
+    try:
+        for client, addr in _accept_all(engine_impl, listener, waker, 5):
+            engine.add(client, addr)
+        for i, sock in enumerate(clients):
+            sock.sendall(b"ping %d" % i)
+            sock.shutdown(socket.SHUT_WR)
+            assert recv_all(sock) == b"ping %d" % i
+        wait_until(lambda: len(router.done) == 5, message="5 connections reported")
+        assert sorted(d[4] for d in router.done) == ["done"] * 5
+    finally:
+        engine.stop()
+        runner.join(10)
+        for sock in clients + [listener, waker, waker_w]:
+            sock.close()
+    assert not runner.is_alive()
 
 
 # -- at scale, and without leaks ---------------------------------------------------
