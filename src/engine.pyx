@@ -54,16 +54,17 @@ import errno as _errno
 import socket as _socket
 
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EAGAIN, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL, ENOSYS,
-                         ETIMEDOUT, errno)
+from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL,
+                         EISCONN, ENOSYS, ETIMEDOUT, errno)
 from libc.math cimport ceil
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove, memset, strerror, strlen
 
 from http_status cimport STATUS_PREFIX_LEN, status_code
-from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLIN,
-                         EPOLLOUT, epoll_create1, epoll_ctl, epoll_event, epoll_wait)
+from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR,
+                         EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1, epoll_ctl, epoll_event,
+                         epoll_wait)
 from libc_eventfd cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t, eventfd_write
 from libc_fcntl cimport (F_GETPIPE_SZ, F_SETPIPE_SZ, O_CLOEXEC, O_NONBLOCK, SPLICE_F_MOVE,
                          SPLICE_F_NONBLOCK, fcntl)
@@ -753,7 +754,9 @@ cdef class Engine:
         if setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0:
             self._close(c, END_CLIENT_ERROR)
             return
-        self._watch(c, READ, 0)
+        # Most clients have sent their request by the time we get here: look
+        # for the first byte before asking epoll (which then is never asked).
+        self._on_first_byte(c)
 
     # -- interest bookkeeping ----------------------------------------------------
 
@@ -765,6 +768,12 @@ cdef class Engine:
             self._interest(c.server, c.server_mask, server_mask,
                            <uint64_t><uintptr_t>c | SIDE_SERVER)
             c.server_mask = server_mask
+
+    cdef void _forget_server(self, Conn* c) noexcept nogil:
+        """Close the backend descriptor.  Closing removes it from epoll: no EPOLL_CTL_DEL."""
+        _close_fd(c.server)
+        c.server = -1
+        c.server_mask = 0
 
     cdef void _interest(self, int fd, int old, int new, uint64_t data) noexcept nogil:
         # A failure (ENOMEM, the max_user_watches limit) leaves the side
@@ -787,7 +796,7 @@ cdef class Engine:
             return self._on_first_byte(c)
         if c.state == ST_CONNECTING:
             if not from_client:
-                return self._on_connected(c)
+                return self._on_connected(c, events)
         elif c.state == ST_RELAYING:
             # As selectors does: an error or hang-up counts as both readable
             # and writable, limited to what the side is registered for.
@@ -800,12 +809,15 @@ cdef class Engine:
         return 0
 
     cdef int _on_first_byte(self, Conn* c) except -1 nogil:
+        """Route c once its client has sent a byte (peeked: it is relayed as it is)."""
         cdef unsigned char byte
         cdef int err = 0
         cdef Py_ssize_t n = _recv(c.client, &byte, 1, MSG_PEEK, &err)
         if n < 0:
             if err != EAGAIN:
                 self._close(c, END_CLIENT_ERROR)
+            else:
+                self._watch(c, READ, 0)
             return 0
         if n == 0:
             self._close(c, END_CLIENT_CLOSED)
@@ -872,16 +884,26 @@ cdef class Engine:
             return 0
         if connect(fd, <sockaddr*>&c.peer, c.peer_len) < 0:
             err = errno
+        if err != 0 and err != EINPROGRESS and err != EINTR:
+            _close_fd(fd)
+            return self._connect_next(c, err, False)
         # EINTR: the connect goes on in the background, like EINPROGRESS.
-        if err == 0 or err == EINPROGRESS or err == EINTR:
-            c.server = fd
-            c.server_mask = 0
-            c.state = ST_CONNECTING
-            c.deadline = self.now + self.connect_timeout
-            self._watch(c, 0, WRITE)
-            return 0
-        _close_fd(fd)
-        return self._connect_next(c, err, False)
+        c.server = fd
+        c.server_mask = 0
+        c.state = ST_CONNECTING
+        c.deadline = self.now + self.connect_timeout
+        if err != 0:
+            # Asking again costs one call and, on loopback or a LAN where the
+            # handshake is already over, saves a round through epoll.
+            err = 0
+            if connect(fd, <sockaddr*>&c.peer, c.peer_len) < 0:
+                err = errno
+            if err == EALREADY or err == EINPROGRESS or err == EINTR:
+                self._watch(c, 0, WRITE)
+                return 0
+            if err != 0 and err != EISCONN:
+                return self._connect_failed(c, err)
+        return self._on_connected(c, EPOLLOUT)
 
     cdef Route _route(self, Conn* c, int failed, bint drop_ticket) except *:
         """With the GIL: report a failed connect, then ask the router; fill c.peer on ROUTE_OK."""
@@ -1017,25 +1039,32 @@ cdef class Engine:
             c = self._unpark_first()
         return 0
 
-    cdef int _on_connected(self, Conn* c) except -1 nogil:
+    cdef int _on_connected(self, Conn* c, unsigned int events) except -1 nogil:
         cdef int code = 0, one = 1
         cdef socklen_t length = sizeof(code)
-        if getsockopt(c.server, SOL_SOCKET, SO_ERROR, &code, &length) < 0:
-            code = errno
-        if code:
-            return self._connect_failed(c, code)
+        cdef End end
+        # Writable without an error or hang-up: connected.  Otherwise the
+        # socket's pending error says why not.
+        if events & (EPOLLERR | EPOLLHUP) or not events & EPOLLOUT:
+            if getsockopt(c.server, SOL_SOCKET, SO_ERROR, &code, &length) < 0:
+                code = errno
+            if code:
+                return self._connect_failed(c, code)
         setsockopt(c.server, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
         c.state = ST_RELAYING
         c.last_up = self.now
         c.deadline = self.now + self.server_timeout
-        self._update(c)
+        # The client's first bytes are waiting (they were peeked): pass them on
+        # now rather than after another round through epoll.
+        end = self._pump(c, True)
+        if end != END_NONE:
+            self._finish(c, end)
+        else:
+            self._update(c)
         return 0
 
     cdef int _connect_failed(self, Conn* c, int failed) except -1 nogil:
-        self._watch(c, c.client_mask, 0)
-        _close_fd(c.server)
-        c.server = -1
-        c.server_mask = 0
+        self._forget_server(c)
         return self._connect_next(c, failed, False)
 
     cdef void _on_relay(self, Conn* c, bint from_client, int mask) noexcept nogil:
@@ -1182,15 +1211,19 @@ cdef class Engine:
     cdef void _update(self, Conn* c) noexcept nogil:
         """Pass on finished directions, recompute interests and the deadline; end when both are done."""
         cdef int client_mask, server_mask
-        if c.up.eof and _held(&c.up) == 0 and not c.up.shut:
-            c.up.shut = True
-            shutdown(c.server, SHUT_WR)
-        if c.down.eof and _held(&c.down) == 0 and not c.down.shut:
-            c.down.shut = True
-            shutdown(c.client, SHUT_WR)
-        if c.up.shut and c.down.shut:
+        cdef bint up_done = c.up.eof and _held(&c.up) == 0
+        cdef bint down_done = c.down.eof and _held(&c.down) == 0
+        if up_done and down_done:
+            # Both sides ended and everything was read: closing sends the FIN
+            # a shutdown would have (no unread data, so no reset).
             self._finish(c, END_DONE)
             return
+        if up_done and not c.up.shut:
+            c.up.shut = True
+            shutdown(c.server, SHUT_WR)
+        if down_done and not c.down.shut:
+            c.down.shut = True
+            shutdown(c.client, SHUT_WR)
         client_mask = ((READ if not c.up.eof and _has_room(&c.up) else 0)
                        | (WRITE if _held(&c.down) else 0))
         server_mask = ((READ if not c.down.eof and _has_room(&c.down) else 0)
@@ -1271,10 +1304,7 @@ cdef class Engine:
 
     cdef void _drop_server(self, Conn* c) noexcept nogil:
         if c.server >= 0:
-            self._watch(c, c.client_mask, 0)
-            _close_fd(c.server)
-            c.server = -1
-            c.server_mask = 0
+            self._forget_server(c)
 
     cdef void _queue_report(self, Conn* c, End end, int status) noexcept nogil:
         """Report c to router.finished at the end of this loop iteration (once per connection)."""
@@ -1295,11 +1325,10 @@ cdef class Engine:
         """Close both sockets once and queue the report (unless already reported)."""
         if c.state == ST_CLOSED:
             return
-        self._watch(c, 0, 0)
-        _close_fd(c.server)
-        c.server = -1
-        _close_fd(c.client)
+        self._forget_server(c)
+        _close_fd(c.client)   # removed from epoll by the close itself
         c.client = -1
+        c.client_mask = 0
         _release_direction(&c.up)
         _release_direction(&c.down)
         if end != END_NONE:
