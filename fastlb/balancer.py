@@ -113,7 +113,11 @@ class Balancer:
         self.listener: Optional[socket.socket] = None
         self.port = config.port
         self._stopping = threading.Event()
+        # Written to wake the accept loop: by stop(), and by Python's C-level
+        # signal handler when the CLI makes it the wakeup fd (a signal may be
+        # delivered to any thread, and only this one runs the Python handlers).
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._workers: list[threading.Thread] = []
         self.fd_limit = raise_fd_limit()
@@ -222,6 +226,11 @@ class Balancer:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def wakeup_fd(self) -> int:
+        """A non-blocking descriptor that wakes the accept loop (for ``signal.set_wakeup_fd``)."""
+        return self._wake_w.fileno()
+
     # -- accept loop -----------------------------------------------------------
 
     def _accept_loop(self) -> None:
@@ -240,6 +249,13 @@ class Balancer:
                 continue
             if batch:
                 self._dispatch(batch)
+            elif not self._stopping.is_set():
+                # Woken, by a signal whose handler has run by now (SIGHUP).
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
 
     def _dispatch(self, batch: list) -> None:
         """Count each accepted client and hand it to the least busy engine (or refuse it)."""

@@ -158,6 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The kernel may deliver a signal to any thread, while Python runs its
+    # handlers only in this one: the wakeup fd gets the accept loop out of its
+    # wait whichever thread was hit.
+    signal.set_wakeup_fd(balancer.wakeup_fd)
     signal.signal(signal.SIGHUP, on_hangup)
     balancer.run()
     return 0

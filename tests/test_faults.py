@@ -7,6 +7,8 @@ and never answers costs its client a 500, not a hang; SIGTERM drains.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import signal
 import socket
@@ -156,6 +158,27 @@ def test_second_sigterm_exits_at_once(procs, faults):
         assert time.monotonic() - started < 2
         # The in-flight client is cut, not left hanging.
         assert recv_all(sock, 3) == b""
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    """Send a signal to one thread of another process (what kill(2) cannot aim)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    SYS_tgkill = {"x86_64": 234, "aarch64": 131}[os.uname().machine]
+    if libc.syscall(SYS_tgkill, pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill")
+
+
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="tgkill number unknown")
+def test_sigterm_delivered_to_a_worker_thread_still_stops_fastlb(procs, faults):
+    """The kernel may hand a process signal to any thread; the main thread must still act on it."""
+    backend = faults()
+    lb = procs.fastlb("-N", 2, backend.port)
+    wait_up(lb, backend)
+    pid = lb.popen.pid
+    others = [int(t) for t in os.listdir("/proc/%d/task" % pid) if int(t) != pid]
+    assert others, "fastlb runs worker threads"
+    _tgkill(pid, others[0], signal.SIGTERM)
+    assert lb.wait(10) == 0
 
 
 def test_silent_client_never_costs_a_backend_connection(procs, faults):
