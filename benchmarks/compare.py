@@ -11,6 +11,9 @@ same port in front of them and drives it with ``wrk``:
   haproxy         mode tcp, balance leastconn, option httpchk, nbthread 1
   haproxy-splice  the same with option splice-auto
   nginx-stream    nginx ``stream`` proxy, least_conn, one worker
+  direct          no proxy: wrk straight at the first backend (not in the
+                  default list).  The ceiling for every proxy on this
+                  machine, where wrk, the backends and the proxy share the cores.
 
 Scenarios: ``keepalive`` (100-byte responses, 32 keep-alive connections),
 ``close`` (100-byte responses, ``Connection: close``, 32 connections), ``bulk``
@@ -21,7 +24,8 @@ For each contender and scenario it prints the median over the rounds of
 requests/s (MB/s for bulk), p50 and p99 latency, the proxy's CPU time per
 request (user + system, from /proc), errors (wrk counts a connection left
 without an answer for 2 s as a timeout, so a starved client shows here), and
-every ratio to HAProxy from the same run.
+every ratio to HAProxy from the same run, and fastlb-cython's ratios to
+fastlb-python (throughput, and CPU per request) when both ran.
 It installs nothing: missing programs are named with their Debian packages
 (``haproxy nginx libnginx-mod-stream wrk``) and those contenders are skipped.
 Only 127.0.0.1 is used.
@@ -246,6 +250,8 @@ def start_contender(name: str, port: int, backends: Backends, workdir: Path, thr
 
 def available(name: str) -> str:
     """'' when the contender can run, else the reason it cannot."""
+    if name == "direct":
+        return ""
     if name == "fastlb-cython":
         probe = subprocess.run([sys.executable, "-c", "import fastlb._bridge, fastlb._engine"],
                                env=_env(), capture_output=True)
@@ -313,6 +319,10 @@ def run_wrk(port: int, scenario: str, duration: float) -> dict:
 
 
 def measure(name: str, scenario: str, args, backends: Backends, workdir: Path) -> dict:
+    if name == "direct":
+        figures = run_wrk(backends.ports[0], scenario, args.duration)
+        figures["cpu_per_req_us"] = float("nan")
+        return figures
     port = args.port
     wait_closed(port)
     proc = start_contender(name, port, backends, workdir, args.threads)
@@ -413,15 +423,32 @@ def report(results: dict, scenarios: list, contenders: list, args) -> str:
                 continue
             value = statistics.median(r[key] for r in runs)
             ratio = "%.2fx" % (value / base_value) if base_value else "-"
-            lines.append("| %s | %s | %.0f %s | %s | %s | %.0f µs | %d | %s |" % (
+            cpu = statistics.median(r["cpu_per_req_us"] for r in runs)
+            lines.append("| %s | %s | %.0f %s | %s | %s | %s | %d | %s |" % (
                 scenario, name, value, unit,
                 fmt_latency(statistics.median(r["p50"] for r in runs)),
                 fmt_latency(statistics.median(r["p99"] for r in runs)),
-                statistics.median(r["cpu_per_req_us"] for r in runs),
+                "%.0f µs" % cpu if cpu == cpu else "-",
                 sum(r["errors"] + r["non2xx"] for r in runs), ratio))
     lines.append("")
-    lines.append("Command: python benchmarks/compare.py --rounds %d --duration %g --scenarios %s "
-                 "--threads %d" % (args.rounds, args.duration, ",".join(scenarios), args.threads))
+    for scenario in scenarios:
+        compiled = results.get((scenario, "fastlb-cython"))
+        python = results.get((scenario, "fastlb-python"))
+        if compiled and python:
+            key = "mbps" if SCENARIOS[scenario][4] == "MB/s" else "rps"
+            lines.append("%s: fastlb-cython / fastlb-python = %.2fx throughput, %.2fx less CPU per "
+                         "request" % (
+                             scenario,
+                             statistics.median(r[key] for r in compiled)
+                             / statistics.median(r[key] for r in python),
+                             statistics.median(r["cpu_per_req_us"] for r in python)
+                             / statistics.median(r["cpu_per_req_us"] for r in compiled)))
+    lines.append("")
+    command = ("python benchmarks/compare.py --rounds %d --duration %g --scenarios %s --threads %d"
+               % (args.rounds, args.duration, ",".join(scenarios), args.threads))
+    if contenders != CONTENDERS:
+        command += " --contenders %s" % ",".join(contenders)
+    lines.append("Command: " + command)
     return "\n".join(lines)
 
 
