@@ -193,9 +193,10 @@ class Balancer:
                      self.config.admin.rsplit(":", 1)[0] + ":%d" % self.admin.port)
         # Connections arriving now wait in the kernel's backlog until the
         # first round says which backends are up.
-        self.health.first_round()
+        pending = self.health.first_round()
         up = sum(b.state == "up" for b in self.pool.backends)
-        log.info("first health round done: %d of %d backend(s) up", up, len(self.pool.backends))
+        log.info("first health round done: %d of %d backend(s) up%s", up, len(self.pool.backends),
+                 "; %d still being probed" % pending if pending else "")
         self.health.start()
         for i, engine in enumerate(self.engines):
             worker = threading.Thread(target=engine.run, name="fastlb-worker-%d" % i, daemon=True)

@@ -32,6 +32,9 @@ from fastlb.settings import Address
 
 log = logging.getLogger("fastlb")
 
+# How long the start-up round still waits for the other backends once one is up.
+STARTUP_GRACE = 0.5
+
 
 def health_request(address: Address) -> bytes:
     host = "[%s]" % address.host if ":" in address.host else address.host
@@ -229,11 +232,22 @@ class HealthChecker:
         if entry[1] == 0:
             self.pool.finish_round(entry[0])
 
-    def first_round(self) -> None:
-        """Probe every backend and wait for all answers (each bounded by the probe timeout)."""
+    def first_round(self) -> int:
+        """Probe every backend; return once all have answered, or ``STARTUP_GRACE`` after one is up.
+
+        So a hung backend delays the first traffic by the grace rather than by
+        the probe timeout (SPEC §2: a hung backend never blocks traffic), while
+        healthy backends that answer within the grace all take part in the
+        first choices.  Probes still running go on in the health thread
+        (``run``).  Returns how many are still running.
+        """
         self.start_round()
-        while self._probes:
-            self._step()
+        grace_end = float("inf")
+        while self._probes and time.monotonic() < grace_end:
+            self._step(grace_end)
+            if grace_end == float("inf") and self.pool.any_up():
+                grace_end = time.monotonic() + STARTUP_GRACE
+        return len(self._probes)
 
     def run(self) -> None:
         next_timed = time.monotonic() + self.interval

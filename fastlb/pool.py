@@ -333,6 +333,11 @@ class BackendPool:
 
     # -- observers -------------------------------------------------------------
 
+    def any_up(self) -> bool:
+        """Is some backend routable now?"""
+        with self._lock:
+            return any(b.state == UP and not b.removed for b in self.backends)
+
     def snapshot(self) -> list[dict]:
         """A consistent copy of the table, for display."""
         with self._lock:

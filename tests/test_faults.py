@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import recv_all, wait_until
+from conftest import port_accepts, recv_all, wait_until
 from faults import DELAY, GARBAGE, OK, SILENT, STATUS_404, FaultServer, refused_port
 from test_e2e import RESPONSE_500, make_dir, wait_up, who
 
@@ -60,6 +60,22 @@ def test_dead_silent_404_and_garbage_backends_are_skipped_with_reasons(procs, fa
     wait_until(lambda: min(s.probes for s in (silent, not_found, garbage)) >= 2, 5,
                message="bad backends to be probed again")
     assert [s.requests for s in (silent, not_found, garbage)] == [0, 0, 0]
+
+
+def test_backend_hung_at_start_up_does_not_hold_back_the_first_traffic(procs, faults, tmp_path):
+    hung = faults(probe=SILENT)       # accepts its probe and never answers
+    good = procs.backend(make_dir(tmp_path, "good", {"who": b"G"}))
+    started = time.monotonic()
+    lb = procs.fastlb(hung.port, good.port, wait=False)
+    wait_until(lambda: port_accepts(lb.port), 10, message="fastlb to listen")
+    # Waits in the backlog until the start-up round lets traffic through.
+    assert who(lb.port) == b"G"
+    # The 5 s probe timeout is not what the first client waited for.
+    assert time.monotonic() - started < 4.0
+    lb.wait_for_log(r"first health round done: 1 of 2 backend\(s\) up; 1 still being probed")
+    # The hung probe goes on in the health thread and is cut at its deadline.
+    lb.wait_for_log(down_line(hung.port, "timeout"), timeout=10)
+    assert who(lb.port) == b"G"
 
 
 def test_hung_probe_is_cut_at_5s_while_other_backends_keep_serving(procs, faults, tmp_path):
