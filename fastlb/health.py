@@ -188,6 +188,7 @@ class HealthChecker:
         self._probes: set[Probe] = set()
         self._triggered = False
         self._stopped = False
+        self._wake_pending = False    # a wake-up byte is on its way: no need for another
         self._thread: Optional[threading.Thread] = None
 
     # -- any thread ------------------------------------------------------------------
@@ -206,6 +207,12 @@ class HealthChecker:
         self._wake()
 
     def _wake(self) -> None:
+        # Under load the accept loop triggers rounds every few connections;
+        # one byte in flight is enough (the thread reads the flags after
+        # draining), and a send per trigger would cost a GIL round trip each.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             self._wake_w.send(b"\0")
         except OSError:
@@ -280,6 +287,9 @@ class HealthChecker:
                         pass
                 except OSError:
                     pass
+                # Only after draining: a trigger that saw the flag still set
+                # is read by run() once this step returns.
+                self._wake_pending = False
                 continue
             one.advance()
             if one.done:
