@@ -770,10 +770,16 @@ cdef class Engine:
             c.server_mask = server_mask
 
     cdef void _forget_server(self, Conn* c) noexcept nogil:
-        """Close the backend descriptor.  Closing removes it from epoll: no EPOLL_CTL_DEL."""
+        """Take the backend descriptor out of epoll and close it.
+
+        Closing alone removes a descriptor from epoll only when no other
+        reference to the socket exists; a fork elsewhere in the process holds
+        one until its exec, and an event for it would then carry the address
+        of a freed Conn.  So every registered descriptor is deleted first.
+        """
+        self._watch(c, c.client_mask, 0)
         _close_fd(c.server)
         c.server = -1
-        c.server_mask = 0
 
     cdef void _interest(self, int fd, int old, int new, uint64_t data) noexcept nogil:
         # A failure (ENOMEM, the max_user_watches limit) leaves the side
@@ -1325,10 +1331,10 @@ cdef class Engine:
         """Close both sockets once and queue the report (unless already reported)."""
         if c.state == ST_CLOSED:
             return
+        self._watch(c, 0, 0)   # see _forget_server
         self._forget_server(c)
-        _close_fd(c.client)   # removed from epoll by the close itself
+        _close_fd(c.client)
         c.client = -1
-        c.client_mask = 0
         _release_direction(&c.up)
         _release_direction(&c.down)
         if end != END_NONE:
