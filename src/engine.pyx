@@ -531,8 +531,9 @@ cdef class Engine:
         """Hand a freshly accepted client to this engine, which now owns its descriptor.
 
         ``client`` is a non-blocking descriptor from ``accept_batch``, or a
-        socket object (made non-blocking and detached here).  ``ticket`` is passed to ``router.choose`` as is
-        (None: route at once).  The engine closes the descriptor.
+        socket object (made non-blocking and detached here).  ``ticket`` is
+        passed to ``router.choose`` as is (None: route at once).  The engine
+        closes the descriptor.
         """
         cdef int fd
         if isinstance(client, int):
