@@ -34,20 +34,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import compare  # noqa: E402  (the backends, ports and wrk-free helpers)
+import compare  # noqa: E402  (the backends, ports and HTTP helpers)
 
 
 def request(port: int) -> float:
     """One GET /100b on a fresh connection; its latency in seconds."""
     started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET /100b HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = compare.get(port, "/100b")
     if not data.startswith(b"HTTP/1.1 200"):
         raise RuntimeError("unexpected answer: %r" % data[:80])
     return time.perf_counter() - started
@@ -65,14 +58,7 @@ def open_idle(port: int, count: int) -> list:
 
 
 def inflight(admin_port: int) -> int:
-    with socket.create_connection(("127.0.0.1", admin_port), timeout=10) as sock:
-        sock.sendall(b"GET /stats.json HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+    data = compare.get(admin_port, "/stats.json")
     return json.loads(data.split(b"\r\n\r\n", 1)[1])["inflight"]
 
 
