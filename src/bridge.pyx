@@ -25,14 +25,14 @@ from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy
 
-from libc_fcntl cimport (F_GETFL, F_GETPIPE_SZ, F_SETFL, F_SETPIPE_SZ, O_CLOEXEC, O_NONBLOCK,
-                         SPLICE_F_MOVE, SPLICE_F_NONBLOCK, fcntl)
+from libc_fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, SPLICE_F_MOVE, SPLICE_F_NONBLOCK, fcntl
 from libc_fcntl cimport splice as splice_fd
 from libc_poll cimport POLLIN, POLLOUT, poll, pollfd
 from sigpipe cimport block_sigpipe, unblock_sigpipe
+from splice_pipe cimport open_splice_pipe
 from libc_socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdown
 from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from libc_unistd cimport close, pipe2
+from libc_unistd cimport close
 from http_status cimport STATUS_PREFIX_LEN, _is_digit, status_code
 
 __all__ = [
@@ -70,12 +70,6 @@ cdef enum:
     # plus a pipe (two descriptors) per direction.
     SPLICE_THRESHOLD = 1048576
     BULK_READ = 65536
-
-    # Pipe capacity asked for with F_SETPIPE_SZ: one splice moves up to this
-    # much.  1 MiB is the default /proc/sys/fs/pipe-max-size for unprivileged
-    # processes; when the per-user pipe budget is spent the kernel refuses and
-    # the pipe keeps its default 64 KiB, which still works.
-    PIPE_SIZE = 1048576
 
 BUFFER_SIZE = C_BUFFER_SIZE
 MAX_HEALTH_ANSWER = C_MAX_HEALTH_ANSWER
@@ -491,15 +485,8 @@ cdef void _start_splice(Relay* r, Direction* d) noexcept nogil:
             r.up.copy_only = r.down.copy_only = True
             return
         r.nonblocking_set = True
-    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
-        d.copy_only = True
-        return
-    size = fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
+    size = open_splice_pipe(fds)
     if size < 0:
-        size = fcntl(fds[1], F_GETPIPE_SZ)
-    if size <= 0:
-        close(fds[0])
-        close(fds[1])
         d.copy_only = True
         return
     d.pipe_r = fds[0]

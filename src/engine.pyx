@@ -66,18 +66,18 @@ from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_
                          EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1, epoll_ctl, epoll_event,
                          epoll_wait)
 from libc_eventfd cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t, eventfd_write
-from libc_fcntl cimport (F_GETPIPE_SZ, F_SETPIPE_SZ, O_CLOEXEC, O_NONBLOCK, SPLICE_F_MOVE,
-                         SPLICE_F_NONBLOCK, fcntl)
+from libc_fcntl cimport SPLICE_F_MOVE, SPLICE_F_NONBLOCK
 from libc_fcntl cimport splice as splice_fd
 from libc_netinet cimport (INET6_ADDRSTRLEN, IPPROTO_TCP, TCP_NODELAY, htons, inet_ntop, inet_pton,
                            ntohl, ntohs, sockaddr_in, sockaddr_in6)
 from libc_poll cimport POLLIN, poll, pollfd
 from sigpipe cimport block_sigpipe, unblock_sigpipe
+from splice_pipe cimport open_splice_pipe
 from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC,
                           SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect, getsockopt, recv,
                           send, setsockopt, shutdown, sockaddr, sockaddr_storage, socket, socklen_t)
 from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from libc_unistd cimport close, pipe2
+from libc_unistd cimport close
 
 cdef enum:
     # One recv per readable event, into the engine's scratch buffer, sent on at
@@ -102,12 +102,6 @@ cdef enum:
     # faster and costs a pipe (two descriptors) per direction.
     SPLICE_THRESHOLD = 1048576
     BULK_READ = C_READ_SIZE
-
-    # Pipe capacity asked for with F_SETPIPE_SZ: one splice moves up to this
-    # much, and a full pipe is the direction's back-pressure bound.  1 MiB is
-    # the default unprivileged /proc/sys/fs/pipe-max-size; when the per-user
-    # pipe budget is spent the kernel refuses and the pipe keeps 64 KiB.
-    PIPE_SIZE = 1048576
 
     # Events taken per epoll_wait: enough that a busy loop makes one wait per
     # few hundred events, small enough (3 KiB of stack) to keep turns short.
@@ -323,17 +317,9 @@ cdef void _release_direction(Direction* d) noexcept nogil:
 cdef bint _start_splice(Direction* d) noexcept nogil:
     """Give d a pipe so that it moves bytes with splice(2); copy_only when impossible."""
     cdef int fds[2]
-    cdef int size
-    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
-        d.copy_only = True   # out of descriptors, say: copying still works
-        return False
-    size = fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
+    cdef int size = open_splice_pipe(fds)
     if size < 0:
-        size = fcntl(fds[1], F_GETPIPE_SZ)
-    if size <= 0:
-        _close_fd(fds[0])
-        _close_fd(fds[1])
-        d.copy_only = True
+        d.copy_only = True   # copying still works
         return False
     d.pipe_r = fds[0]
     d.pipe_w = fds[1]
