@@ -48,6 +48,7 @@ import socket
 import time
 
 from fastlb._bridge_py import STATUS_PREFIX_LEN, parse_status_line
+from fastlb.waker import Waker
 
 # One recv per readable event.  64 KiB matches the loopback socket buffer
 # granularity; the Python twin pays per call, so fewer, larger reads win.
@@ -148,12 +149,9 @@ class Engine:
         self.server_timeout, self.idle_timeout = server_timeout, idle_timeout
         self.client_timeout, self.connect_timeout = client_timeout, connect_timeout
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, READ, None)
+        self._waker = Waker()
+        self._selector.register(self._waker, READ, None)
         self._incoming: collections.deque = collections.deque()
-        self._wake_pending = False
         self._conns: set[_Conn] = set()
         self._parked: list[_Conn] = []
         self._unpark = False
@@ -177,7 +175,7 @@ class Engine:
             self.closed += 1
             return
         self._incoming.append((client, addr, ticket))
-        self._wake()
+        self._waker.wake()
 
     @property
     def active(self) -> int:
@@ -192,28 +190,17 @@ class Engine:
     def wake(self) -> None:
         """Ask the engine to retry its parked connections (the router's figures changed)."""
         self._unpark = True
-        self._wake()
+        self._waker.wake()
 
     def stop(self) -> None:
         """Return from ``run`` once every connection has finished."""
         self._stopping = True
-        self._wake()
+        self._waker.wake()
 
     def set_timeouts(self, server_timeout: float, idle_timeout: float, client_timeout: float,
                      connect_timeout: float) -> None:
         self.server_timeout, self.idle_timeout = server_timeout, idle_timeout
         self.client_timeout, self.connect_timeout = client_timeout, connect_timeout
-
-    def _wake(self) -> None:
-        # One wake-up byte is enough however many connections arrive before
-        # the loop reads it (the loop clears the flag before taking them).
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or closing
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -225,7 +212,9 @@ class Engine:
                 for key, mask in events:
                     conn = key.data
                     if conn is None:
-                        self._drain_wake()
+                        # Then the deque and flags are read: an add() whose
+                        # wake wrote nothing has its connection taken below.
+                        self._waker.drain()
                     elif conn.state is not None:
                         self._on_event(conn, key.fileobj is conn.client, mask)
                 while self._incoming:
@@ -250,19 +239,7 @@ class Engine:
                 client.close()
                 self.closed += 1
             self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
-        # Only after draining: an add() that saw the flag still set has its
-        # connection in the deque, which the loop takes next; one that sees it
-        # cleared sends a fresh byte.
-        self._wake_pending = False
+            self._waker.close()
 
     def _accept(self, client: socket.socket, addr, ticket) -> None:
         conn = _Conn(client, addr, ticket, time.monotonic(), self.client_timeout)

@@ -33,6 +33,7 @@ from fastlb.accesslog import AccessLog
 from fastlb.admin import AdminServer
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
+from fastlb.waker import Waker
 
 log = logging.getLogger("fastlb")
 
@@ -113,12 +114,10 @@ class Balancer:
         self.listener: Optional[socket.socket] = None
         self.port = config.port
         self._stopping = threading.Event()
-        # Written to wake the accept loop: by stop(), and by Python's C-level
-        # signal handler when the CLI makes it the wakeup fd (a signal may be
-        # delivered to any thread, and only this one runs the Python handlers).
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        # Wakes the accept loop: stop(), and Python's C-level signal handler
+        # when the CLI makes it the wakeup fd (a signal may be delivered to
+        # any thread, and only this one runs the Python handlers).
+        self._waker = Waker()
         self._workers: list[threading.Thread] = []
         self.fd_limit = raise_fd_limit()
         self.max_connections = config.max_connections or max(1, (self.fd_limit - RESERVED_FDS) // 2)
@@ -218,10 +217,7 @@ class Balancer:
     def stop(self) -> None:
         """Stop accepting and drain; safe to call from a signal handler or another thread."""
         self._stopping.set()
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
+        self._waker.wake()
 
     @property
     def stopping(self) -> bool:
@@ -230,7 +226,7 @@ class Balancer:
     @property
     def wakeup_fd(self) -> int:
         """A non-blocking descriptor that wakes the accept loop (for ``signal.set_wakeup_fd``)."""
-        return self._wake_w.fileno()
+        return self._waker.write_fd
 
     # -- accept loop -----------------------------------------------------------
 
@@ -241,7 +237,7 @@ class Balancer:
         # every engine.
         while not self._stopping.is_set():
             try:
-                batch = bridge.accept_batch(self.listener, self._wake_r)
+                batch = bridge.accept_batch(self.listener, self._waker)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: back off instead of spinning.
@@ -252,11 +248,7 @@ class Balancer:
                 self._dispatch(batch)
             elif not self._stopping.is_set():
                 # Woken, by a signal whose handler has run by now (SIGHUP).
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except OSError:
-                    pass
+                self._waker.drain()
 
     def _dispatch(self, batch: list) -> None:
         """Count each accepted client and hand it to the least busy engine (or refuse it)."""

@@ -29,6 +29,7 @@ from typing import Optional
 from fastlb import bridge
 from fastlb.pool import Backend, BackendPool
 from fastlb.settings import Address
+from fastlb.waker import Waker
 
 log = logging.getLogger("fastlb")
 
@@ -181,14 +182,13 @@ class HealthChecker:
         self.probe_timeout = probe_timeout
         self.interval = interval
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        # Under load the accept loop triggers a round every few connections:
+        # the waker writes one byte per wait, not one per trigger.
+        self._waker = Waker()
+        self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._probes: set[Probe] = set()
         self._triggered = False
         self._stopped = False
-        self._wake_pending = False    # a wake-up byte is on its way: no need for another
         self._thread: Optional[threading.Thread] = None
 
     # -- any thread ------------------------------------------------------------------
@@ -196,7 +196,7 @@ class HealthChecker:
     def trigger(self) -> None:
         """Ask for a round now (called by the accept loop on the R-th connection)."""
         self._triggered = True
-        self._wake()
+        self._waker.wake()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="fastlb-health", daemon=True)
@@ -204,19 +204,7 @@ class HealthChecker:
 
     def stop(self) -> None:
         self._stopped = True
-        self._wake()
-
-    def _wake(self) -> None:
-        # Under load the accept loop triggers rounds every few connections;
-        # one byte in flight is enough (the thread reads the flags after
-        # draining), and a send per trigger would cost a GIL round trip each.
-        if self._wake_pending:
-            return
-        self._wake_pending = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # a byte is already waiting, or we are shutting down
+        self._waker.wake()
 
     # -- the health-check thread (or the caller of first_round, before it starts) -----
 
@@ -282,14 +270,8 @@ class HealthChecker:
         for key, _ in self._selector.select(None if timeout == float("inf") else timeout):
             one = key.data
             if one is None:
-                try:
-                    while self._wake_r.recv(4096):
-                        pass
-                except OSError:
-                    pass
-                # Only after draining: a trigger that saw the flag still set
-                # is read by run() once this step returns.
-                self._wake_pending = False
+                # run() reads the flags once this step returns.
+                self._waker.drain()
                 continue
             one.advance()
             if one.done:
