@@ -18,29 +18,16 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, wait_until
 from fastlb.backend import FileServer, HTTPError, read_request, resolve_path
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
 LISTENING = re.compile(r"fastlb-backend listening on 127\.0\.0\.1:(\d+) serving (.+)")
 MIB = 1024 * 1024
-
-
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition"):
-    """Poll ``predicate`` until it returns something truthy, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
-        time.sleep(0.02)
 
 
 class Backend:
@@ -55,7 +42,7 @@ class Backend:
                 [*wrapper, sys.executable, "-m", "fastlb.backend", "0", "--dir", str(directory),
                  *options],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=str(ROOT), env=env)
-        match = wait_until(self._listening, what="the start-up line")
+        match = wait_until(self._listening, message="the start-up line")
         self.port = int(match.group(1))
         self.directory = match.group(2)
 
@@ -183,7 +170,7 @@ def test_requests_are_not_logged_by_default(backend):
 def test_verbose_logs_each_request(start_backend):
     backend = start_backend("--verbose")
     get(backend, "/missing")
-    wait_until(lambda: "/missing" in backend.stderr(), what="a request log line")
+    wait_until(lambda: "/missing" in backend.stderr(), message="a request log line")
 
 
 @pytest.mark.parametrize("argv", [
@@ -543,7 +530,7 @@ def test_hostile_clients_do_not_stop_service_to_others(backend, www):
         slow.close()
     assert backend.popen.poll() is None
     assert get(backend, "/partial")[0] == 404
-    wait_until(lambda: not list(www.glob(".*.part")), what="the abandoned PUT's temporary file to go")
+    wait_until(lambda: not list(www.glob(".*.part")), message="the abandoned PUT's temporary file to go")
     assert "Traceback" not in backend.stderr()
 
 
