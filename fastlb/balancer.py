@@ -4,8 +4,10 @@ Who runs where:
 - the thread that calls ``Balancer.run`` (the main thread under the CLI) runs
   the first probe round, then accepts connections, counts them in the pool
   (waking the health checker on every R-th) and hands each to the least busy
-  worker engine; beyond ``--max-connections`` open connections, or when an
-  engine's hand-off queue holds ``--max-queue``, the client gets a 503;
+  worker engine; with ``--max-connections`` open it stops accepting (new
+  clients wait in the listen backlog, as with HAProxy's ``maxconn``) until one
+  closes, and when an engine's hand-off queue holds ``--max-queue`` the client
+  gets a 503;
 - ``threads`` worker threads each run one relay engine (``fastlb.bridge.Engine``,
   an event loop that owns many connections at once: waits for the client's
   first byte, routes, connects without blocking, relays, closes);
@@ -23,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import resource
+import select
 import socket
 import threading
 import time
@@ -43,6 +46,10 @@ RESPONSE_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 RESERVED_FDS = 64
 # How often a drain checks whether the last connection has finished.
 DRAIN_POLL = 0.05
+# At most one "at capacity" warning per this many seconds.
+CAPACITY_LOG_EVERY = 10.0
+# While at --max-connections, how often the accept loop looks again unwoken.
+CAPACITY_RECHECK = 0.05
 
 
 def _peer(addr) -> str:
@@ -93,6 +100,8 @@ class Router:
         addr, asked_round = context
         if asked_round:
             self.pool.trigger_closed(asked_round)
+        if self.balancer.at_capacity:
+            self.balancer.wake_accept_loop()
         if backend is not None:
             self.pool.release(backend, bytes_up, bytes_down, status, duration)
             if end == "server_timeout" and not bytes_down:
@@ -129,6 +138,10 @@ class Balancer:
         ]
         for engine in self.engines:
             self.pool.round_listeners.append(engine.wake)
+        # True while the accept loop waits for a connection to close
+        # (--max-connections open); Router.finished then wakes it.
+        self.at_capacity = False
+        self._capacity_logged = 0.0
         self.started = time.time()
         self.access_log: Optional[AccessLog] = None
         self.admin: Optional[AdminServer] = None
@@ -219,6 +232,9 @@ class Balancer:
         self._stopping.set()
         self._waker.wake()
 
+    def wake_accept_loop(self) -> None:
+        self._waker.wake()
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -236,8 +252,11 @@ class Balancer:
         # per batch: a per-connection Python accept would contend for it with
         # every engine.
         while not self._stopping.is_set():
+            if self._wait_for_room():
+                continue
             try:
-                batch = bridge.accept_batch(self.listener, self._waker)
+                batch = bridge.accept_batch(self.listener, self._waker,
+                                            self.max_connections - self.inflight)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: back off instead of spinning.
@@ -252,26 +271,50 @@ class Balancer:
 
     def _dispatch(self, batch: list) -> None:
         """Count each accepted client and hand it to the least busy engine (or refuse it)."""
-        inflight = self.inflight
         for client, addr in batch:
             trigger, ticket = self.pool.count_accept()
             if trigger:
                 self.health.trigger()
             engine = min(self.engines, key=_load)
-            if inflight >= self.max_connections or engine.pending >= self.config.max_queue:
+            if engine.pending >= self.config.max_queue:
                 self._refuse(client, addr)
                 continue
             # The engine hands ``(addr, round)`` back to Router.finished: the
             # round this connection asked for, if it was the R-th.
             engine.add(client, (addr, ticket + 1 if trigger else 0), ticket)
-            inflight += 1
+
+    def _wait_for_room(self) -> bool:
+        """With ``--max-connections`` open, wait (at most a moment) for one to close.
+
+        Like HAProxy at ``maxconn``: new clients wait in the listen backlog
+        instead of being accepted and refused.  Router.finished wakes this
+        thread when a connection ends; the recheck after CAPACITY_RECHECK
+        covers a connection reported before it closed (a 500 still lingering).
+        True when the caller should look again before accepting.
+        """
+        # Set before ``inflight`` is read, so that a report after the read wakes us.
+        self.at_capacity = True
+        if self.inflight < self.max_connections:
+            self.at_capacity = False
+            return False
+        now = time.monotonic()
+        if now - self._capacity_logged >= CAPACITY_LOG_EVERY:
+            self._capacity_logged = now
+            log.warning("at capacity: %d client connections open (--max-connections); "
+                        "new clients wait in the listen backlog", self.max_connections)
+        try:
+            select.select([self._waker], [], [], CAPACITY_RECHECK)
+        except InterruptedError:
+            pass
+        self._waker.drain()
+        return True
 
     def _refuse(self, client, addr) -> None:
         self.pool.count_queue_full()
         if self.access_log:
             self.access_log.record(_peer(addr), "", 0, 0, 0.0, 503, "queue_full")
-        log.warning("overloaded (%d connections open, at most %d): answering 503",
-                    self.inflight, self.max_connections)
+        log.warning("overloaded (a worker's hand-off queue holds %d, --max-queue): "
+                    "answering 503", self.config.max_queue)
         # Under overload the answer must cost nothing: no lingering, and a
         # client whose buffer is full simply misses it.
         conn = client if isinstance(client, socket.socket) else socket.socket(fileno=client)
@@ -301,7 +344,7 @@ class Balancer:
             "threads": self.config.threads, "accepted": self.pool.accepted,
             "no_backend": self.pool.no_backend, "queue_full": self.pool.queue_full,
             "inflight": self.inflight, "queue_length": sum(e.pending for e in self.engines),
-            "max_connections": self.max_connections,
+            "max_connections": self.max_connections, "at_capacity": self.at_capacity,
             "backends": backends, "totals": totals,
         }
 

@@ -150,8 +150,9 @@ SETTINGS: tuple[Setting, ...] = (
             "accepted connections handed to a worker and not yet taken up by it; beyond it "
             "new clients get a 503", "N"),
     Setting("max_connections", ("--max-connections",), at_least_zero, 0,
-            "client connections open at once; beyond it new clients get a 503 (0: as many as "
-            "the open-file limit allows, two descriptors each)", "N"),
+            "client connections open at once; at the limit fastlb stops accepting and new "
+            "clients wait in the listen backlog, as with HAProxy's maxconn (0: as many as the "
+            "open-file limit allows, two descriptors each)", "N"),
     Setting("drain_timeout", ("--drain-timeout",), seconds, 30.0,
             "seconds in-flight connections may take to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("bind", ("--bind",), bind_address, "0.0.0.0",

@@ -28,7 +28,6 @@ from conftest import Proc, body_of, free_port, http_get, recv_all, status_of, wa
 
 CURL = "/usr/bin/curl"
 RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
-RESPONSE_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 MiB = 1 << 20
 
 
@@ -428,7 +427,7 @@ def test_silent_client_is_closed_after_client_timeout_without_touching_a_backend
     assert healthcheck(backend.port) == (0, 1)
 
 
-def test_connections_beyond_max_connections_get_503(procs, tmp_path):
+def test_clients_beyond_max_connections_wait_in_the_backlog_until_one_closes(procs, tmp_path):
     backend = procs.backend(make_dir(tmp_path, "www", {"who": b"A"}))
     admin = free_port()
     lb = procs.fastlb("-N", 1, "--max-connections", 3, "--client-timeout", 5, "--admin", admin,
@@ -439,30 +438,40 @@ def test_connections_beyond_max_connections_get_503(procs, tmp_path):
         return status_of(http_get(lb.port, "/who")) == 200
 
     wait_until(served, 5, interval=0.05, message="a first 200")
+
+    def stats() -> dict:
+        with urllib.request.urlopen("http://127.0.0.1:%d/stats.json" % admin, timeout=5) as answer:
+            return json.load(answer)
+
     # Every earlier connection (the fixture's readiness check, the request above)
     # must be closed before the three idle clients fill the limit.
-    def inflight() -> int:
-        with urllib.request.urlopen("http://127.0.0.1:%d/stats.json" % admin, timeout=5) as answer:
-            return json.load(answer)["inflight"]
+    wait_until(lambda: stats()["inflight"] == 0, 5, message="earlier connections closed")
 
-    wait_until(lambda: inflight() == 0, 5, message="earlier connections closed")
-
-    # Three idle clients fill --max-connections 3: a fourth gets the 503 at once.
+    # Three idle clients fill --max-connections 3.  Like HAProxy at maxconn,
+    # fastlb stops accepting: a fourth client's handshake completes in the
+    # kernel's backlog, and its request waits there, neither refused nor lost.
     idle = [socket.create_connection(("127.0.0.1", lb.port), timeout=5) for _ in range(3)]
     try:
-        def refused() -> bool:
-            with socket.create_connection(("127.0.0.1", lb.port), timeout=5) as extra:
-                return recv_all(extra, 3) == RESPONSE_503
-
-        wait_until(refused, 5, interval=0.05, message="a 503 while three clients are open")
-        assert not select.select(idle, [], [], 0.1)[0], "an idle client was answered"
-        lb.wait_for_log(r"overloaded \(3 connections open, at most 3\): answering 503")
+        wait_until(lambda: stats()["inflight"] == 3, 5, message="three idle clients taken")
+        waiting = socket.create_connection(("127.0.0.1", lb.port), timeout=5)
+        with waiting:
+            waiting.sendall(b"GET /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            lb.wait_for_log(r"at capacity: 3 client connections open \(--max-connections\); "
+                            r"new clients wait in the listen backlog")
+            assert stats()["at_capacity"] is True
+            assert not select.select([waiting], [], [], 0.3)[0], "a client beyond the limit was answered"
+            assert stats()["inflight"] == 3 and stats()["queue_full"] == 0
+            # One idle client leaves: the waiting one is accepted and served.
+            idle.pop().close()
+            answer = recv_all(waiting, 5)
+        assert status_of(answer) == 200 and answer.endswith(b"A"), answer
     finally:
         for sock in idle:
             sock.close()
-    # Once the idle clients leave, service resumes.
+    wait_until(lambda: stats()["inflight"] == 0 and not stats()["at_capacity"], 5,
+               message="the idle clients closed")
     wait_until(served, 5, interval=0.05, message="a 200 once the idle clients left")
-    assert healthcheck(backend.port)[1] == 2
+    assert healthcheck(backend.port)[1] == 3
 
 
 def test_idle_clients_hold_no_worker_a_request_is_still_served(procs, tmp_path):
