@@ -419,6 +419,51 @@ cdef object _sockaddr_tuple(sockaddr_storage* addr):
     return None
 
 
+cdef object _fill_sockaddr(sockaddr_storage* peer, socklen_t* length, family, ip, port):
+    """With the GIL: the sockaddr for (family, ip, port) in peer; None, or why it cannot be."""
+    cdef sockaddr_in* sin = <sockaddr_in*>peer
+    cdef sockaddr_in6* sin6 = <sockaddr_in6*>peer
+    cdef int fam = family
+    cdef int scope = 0
+    host = ip.encode("ascii", "replace") if isinstance(ip, str) else bytes(ip)
+    if not _numeric(fam, host):
+        # Not a plain numeric address (a scoped IPv6 "fe80::1%eth0", or a name
+        # that was never resolved): what socket.connect would do, once.
+        try:
+            infos = _socket.getaddrinfo(ip, port, fam, _socket.SOCK_STREAM)
+        except OSError as exc:
+            return "connect failed: %s" % (exc.strerror or exc)
+        fam, _, _, _, address = infos[0]
+        host = address[0].split("%")[0].encode("ascii")
+        if fam == AF_INET6:
+            scope = address[3]
+        if not _numeric(fam, host):
+            return "connect failed: unsupported address %r" % (address,)
+    memset(peer, 0, sizeof(sockaddr_storage))
+    if fam == AF_INET:
+        inet_pton(AF_INET, host, &sin.sin_addr)
+        sin.sin_family = AF_INET
+        sin.sin_port = htons(<unsigned short>port)
+        length[0] = sizeof(sockaddr_in)
+    else:
+        inet_pton(AF_INET6, host, &sin6.sin6_addr)
+        sin6.sin6_family = AF_INET6
+        sin6.sin6_port = htons(<unsigned short>port)
+        sin6.sin6_scope_id = scope
+        length[0] = sizeof(sockaddr_in6)
+    return None
+
+
+cdef bint _numeric(int family, bytes host):
+    """Whether host is a numeric address of that family (what inet_pton takes)."""
+    cdef sockaddr_in6 scratch
+    if family == AF_INET:
+        return inet_pton(AF_INET, host, &scratch.sin6_addr) == 1
+    if family == AF_INET6:
+        return inet_pton(AF_INET6, host, &scratch.sin6_addr) == 1
+    return False
+
+
 def _connect_reason(int code):
     if code == ECONNREFUSED:
         return "connection refused"
@@ -924,7 +969,7 @@ cdef class Engine:
             Py_INCREF(token)
             c.token = <PyObject*>token
             (<list>c.tried).append(token)
-            reason = self._set_peer(c, family, ip, port)
+            reason = _fill_sockaddr(&c.peer, &c.peer_len, family, ip, port)
             if reason is None:
                 return ROUTE_OK
 
@@ -937,48 +982,6 @@ cdef class Engine:
         finally:
             Py_XDECREF(token)
         return 0
-
-    cdef object _set_peer(self, Conn* c, family, ip, port):
-        """With the GIL: the sockaddr for (family, ip, port) in c.peer; None, or why it cannot be."""
-        cdef sockaddr_in* sin = <sockaddr_in*>&c.peer
-        cdef sockaddr_in6* sin6 = <sockaddr_in6*>&c.peer
-        cdef int fam = family
-        cdef int scope = 0
-        host = ip.encode("ascii", "replace") if isinstance(ip, str) else bytes(ip)
-        memset(&c.peer, 0, sizeof(c.peer))
-        if fam == AF_INET and inet_pton(AF_INET, host, &sin.sin_addr) == 1:
-            sin.sin_family = AF_INET
-            sin.sin_port = htons(<unsigned short>port)
-            c.peer_len = sizeof(sockaddr_in)
-            return None
-        if fam == AF_INET6 and inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1:
-            sin6.sin6_family = AF_INET6
-            sin6.sin6_port = htons(<unsigned short>port)
-            c.peer_len = sizeof(sockaddr_in6)
-            return None
-        # Not a plain numeric address (a scoped IPv6 "fe80::1%eth0", or a name
-        # that was never resolved): what socket.connect would do, once.
-        try:
-            infos = _socket.getaddrinfo(ip, port, fam, _socket.SOCK_STREAM)
-        except OSError as exc:
-            return "connect failed: %s" % (exc.strerror or exc)
-        fam, _, _, _, address = infos[0]
-        host = address[0].split("%")[0].encode("ascii")
-        if fam == AF_INET6:
-            scope = address[3]
-        memset(&c.peer, 0, sizeof(c.peer))
-        if fam == AF_INET and inet_pton(AF_INET, host, &sin.sin_addr) == 1:
-            sin.sin_family = AF_INET
-            sin.sin_port = htons(<unsigned short>port)
-            c.peer_len = sizeof(sockaddr_in)
-        elif fam == AF_INET6 and inet_pton(AF_INET6, host, &sin6.sin6_addr) == 1:
-            sin6.sin6_family = AF_INET6
-            sin6.sin6_port = htons(<unsigned short>port)
-            sin6.sin6_scope_id = scope
-            c.peer_len = sizeof(sockaddr_in6)
-        else:
-            return "connect failed: unsupported address %r" % (address,)
-        return None
 
     cdef void _park(self, Conn* c) noexcept nogil:
         if c.parked:
@@ -1429,3 +1432,4 @@ cdef class Engine:
         if self.sigpipe_blocked:
             unblock_sigpipe()
             self.sigpipe_blocked = False
+
