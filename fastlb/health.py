@@ -60,6 +60,7 @@ class Probe:
         self.done = False
         self.result: Optional[tuple[int, int]] = None
         self.reason = ""
+        self.latency = 0.0               # seconds from start to outcome, once done
         self.answer = b""
         self.sock = socket.socket(address.family, socket.SOCK_STREAM)
         self.sock.setblocking(False)
@@ -125,6 +126,7 @@ class Probe:
     def _finish(self, result: Optional[tuple[int, int]], reason: str) -> None:
         # The socket stays open until the owner has unregistered it (``close``).
         self.result, self.reason, self.done = result, reason, True
+        self.latency = time.monotonic() - self.started
 
     def close(self) -> None:
         self.sock.close()
@@ -164,7 +166,7 @@ def probe_many(addresses, timeout: float) -> dict:
     results = {}
     for one in probes:
         one.close()
-        results[one.address.name] = (one.result, one.reason, time.monotonic() - one.started)
+        results[one.address.name] = (one.result, one.reason, one.latency)
     return results
 
 
@@ -288,7 +290,7 @@ class HealthChecker:
             self._probes.discard(one)
             self._selector.unregister(one.sock)
         one.close()
-        self.pool.apply_probe(one.backend, one.result, one.reason, time.monotonic() - one.started)
+        self.pool.apply_probe(one.backend, one.result, one.reason, one.latency)
         entry = one.entry
         entry[1] -= 1
         if entry[1] == 0:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 
 import pytest
 
-from fastlb.health import probe
+from conftest import wait_until
+from fastlb.health import probe, probe_many
 from fastlb.settings import Address
 
 
@@ -135,3 +137,33 @@ def test_slow_trickle_cannot_extend_the_bound(server_factory):
     result, reason = probe(server.address(), 1.0)
     assert result is None and reason.startswith("timeout")
     assert time.monotonic() - started < 3.0
+
+
+HEALTHY = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n3\n7\n"
+
+
+def test_probes_run_in_parallel_a_silent_backend_delays_no_other(server_factory):
+    silent = server_factory(None, close=False)
+    healthy = [server_factory(HEALTHY) for _ in range(3)]
+    started = time.monotonic()
+    results = probe_many([silent.address()] + [server.address() for server in healthy], 2.0)
+    elapsed = time.monotonic() - started
+    for server in healthy:
+        result, reason, latency = results[server.address().name]
+        assert (result, reason) == ((3, 7), "ok") and latency < 1.0
+    result, reason, latency = results[silent.address().name]
+    assert (result, reason) == (None, "timeout (no complete answer within 2s)")
+    # The round took the silent backend's bound, not the sum of the bounds.
+    assert 1.9 <= latency and elapsed < 3.5
+
+
+def test_probes_leave_no_descriptor_behind(server_factory):
+    before = len(os.listdir("/proc/self/fd"))
+    servers = [server_factory(HEALTHY) for _ in range(4)] + [server_factory(b"garbage\r\n")]
+    results = probe_many([server.address() for server in servers], 5.0)
+    assert sorted(reason for _, reason, _ in results.values()) == \
+        ["malformed status line"] + ["ok"] * 4
+    for server in servers:
+        server.shutdown()
+    wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before, 5,
+               message="every probe and test-server descriptor closed")
