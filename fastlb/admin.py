@@ -62,10 +62,12 @@ def render_page(stats: dict) -> str:
     return PAGE % {
         "title": "fastlb on %s" % esc(stats["listen"]),
         "summary": esc(
-            "fastlb %s (%s bridge), %s, up %ds; %d connections accepted, %d in flight, %d queued; "
-            "%d answered 500 (no backend), %d answered 503 (queue full)"
+            "fastlb %s (%s bridge), %s, up %ds; %d connections accepted, %d in flight (at most %d%s), "
+            "%d queued; %d answered 500 (no backend), %d answered 503 (queue full)"
             % (stats["version"], stats["bridge"], stats["state"], stats["uptime"], stats["accepted"],
-               stats["inflight"], stats["queue_length"], stats["no_backend"], stats["queue_full"])
+               stats["inflight"], stats["max_connections"],
+               ": at capacity, new clients wait" if stats["at_capacity"] else "",
+               stats["queue_length"], stats["no_backend"], stats["queue_full"])
         ),
         "classes": "".join("<th>%s</th>" % c for c in STATUS_CLASSES),
         "rows": "\n".join(rows),
@@ -136,6 +138,11 @@ def render_metrics(stats: dict) -> str:
            [((), stats["queue_full"])])
     family("fastlb_inflight_connections", "gauge", "Accepted connections not yet closed.",
            [((), stats["inflight"])])
+    family("fastlb_max_connections", "gauge", "Client connections fastlb holds at most (--max-connections).",
+           [((), stats["max_connections"])])
+    family("fastlb_at_capacity", "gauge",
+           "1 while --max-connections are open and new clients wait in the listen backlog.",
+           [((), 1 if stats["at_capacity"] else 0)])
     family("fastlb_queued_connections", "gauge", "Connections waiting for a worker.",
            [((), stats["queue_length"])])
 

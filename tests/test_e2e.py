@@ -459,6 +459,9 @@ def test_clients_beyond_max_connections_wait_in_the_backlog_until_one_closes(pro
             lb.wait_for_log(r"at capacity: 3 client connections open \(--max-connections\); "
                             r"new clients wait in the listen backlog")
             assert stats()["at_capacity"] is True
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % admin, timeout=5) as page:
+                metrics = page.read().decode().splitlines()
+            assert "fastlb_at_capacity 1" in metrics and "fastlb_max_connections 3" in metrics
             assert not select.select([waiting], [], [], 0.3)[0], "a client beyond the limit was answered"
             assert stats()["inflight"] == 3 and stats()["queue_full"] == 0
             # One idle client leaves: the waiting one is accepted and served.
