@@ -9,8 +9,8 @@ Every benchmark is parametrized over both twins (``fastlb._engine`` and
 benchmarks/conftest.py prints the medians and compiled/python ratios at the end.
 
 The engines run in threads of this process, as in fastlb, fed by an accept
-thread that hands each connection to the least busy engine (as the balancer's
-accept loop does).  Clients and backends are separate load-generator
+thread that takes clients in batches with the twin's ``accept_batch`` and hands
+each to the least busy engine (as the balancer's accept loop does).  Clients and backends are separate load-generator
 processes, so this process's GIL holds nothing but the engines and the accept
 loop.  Besides wall-clock rates, each case reports the CPU time the engine
 threads used (``pthread_getcpuclockid``), which is the engine's own cost and
@@ -22,8 +22,8 @@ Cases:
   100-byte messages (the backend echoes), through one engine, and through
   4 engines in 4 threads;
 - connections: connect, send 100 bytes, receive the echo, close; 32 at a
-  time, through one engine (the accept thread's CPU is reported apart: it is
-  the same Python code whichever engine runs);
+  time, through one engine (the accept thread's CPU is reported apart: its
+  ``accept_batch`` is the twin's, the rest the same Python);
 - bulk: one 64 MiB download through one engine, per splice mode.
 
 On a noisy machine sequential benchmarks drift; running this file as a script
@@ -44,6 +44,8 @@ import threading
 import time
 
 import pytest
+
+from fastlb.waker import Waker
 
 MESSAGE = 100                  # bytes per request and per response
 CONNECTIONS = 32               # concurrent client connections
@@ -259,7 +261,9 @@ class Setup:
                         for _ in range(engines)]
         self.threads = [threading.Thread(target=e.run, daemon=True) for e in self.engines]
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.listener.settimeout(0.2)
+        self.listener.setblocking(False)
+        self.accept_batch = engine_module.accept_batch
+        self.waker = Waker()
         self.stopping = False
         self.acceptor = threading.Thread(target=self._accept, daemon=True)
         for thread in self.threads + [self.acceptor]:
@@ -285,19 +289,18 @@ class Setup:
     def _accept(self):
         while not self.stopping:
             try:
-                conn, addr = self.listener.accept()
-            except socket.timeout:
-                continue
+                batch = self.accept_batch(self.listener, self.waker)
             except OSError:
                 return
-            min(self.engines, key=_active).add(conn, addr)
+            for client, addr in batch:
+                min(self.engines, key=_active).add(client, addr)
 
     def cpu_seconds(self):
         """CPU time the engine threads have used so far (user + system)."""
         return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in self.threads)
 
     def accept_cpu_seconds(self):
-        """CPU time the accept thread (plain Python in both cases) has used so far."""
+        """CPU time the accept thread has used so far."""
         return time.clock_gettime(time.pthread_getcpuclockid(self.acceptor.ident))
 
     def run(self, command, amount):
@@ -312,8 +315,10 @@ class Setup:
             control.send(("close", 0))
             control.poll(WAIT) and control.recv()
         self.stopping = True
-        self.listener.close()
+        self.waker.wake()
         self.acceptor.join(WAIT)
+        self.listener.close()
+        self.waker.close()
         deadline = time.monotonic() + WAIT
         while sum(e.active for e in self.engines) and time.monotonic() < deadline:
             time.sleep(0.01)
