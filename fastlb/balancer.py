@@ -302,10 +302,10 @@ class Balancer:
             self._capacity_logged = now
             log.warning("at capacity: %d client connections open (--max-connections); "
                         "new clients wait in the listen backlog", self.max_connections)
-        try:
-            select.select([self._waker], [], [], CAPACITY_RECHECK)
-        except InterruptedError:
-            pass
+        # poll, not select: the waker's descriptor may be above FD_SETSIZE.
+        waiter = select.poll()
+        waiter.register(self._waker, select.POLLIN)
+        waiter.poll(CAPACITY_RECHECK * 1000)
         self._waker.drain()
         return True
 
