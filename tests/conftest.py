@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from faults import FaultServer
+
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(rb"listening on [^:\s]+:(\d+)")
 
@@ -207,3 +209,18 @@ def body_of(response: bytes) -> bytes:
 def status_of(response: bytes) -> int:
     assert response.startswith(b"HTTP/1."), response[:100]
     return int(response[9:12])
+
+
+@pytest.fixture
+def faults():
+    """Make FaultServers (tests/faults.py) that are stopped when the test ends."""
+    made: list[FaultServer] = []
+
+    def make(*args, **kwargs) -> FaultServer:
+        server = FaultServer(*args, **kwargs)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()

@@ -17,23 +17,8 @@ import time
 import pytest
 
 from conftest import port_accepts, recv_all, wait_until
-from faults import DELAY, GARBAGE, OK, SILENT, STATUS_404, FaultServer, refused_port
+from faults import DELAY, GARBAGE, OK, SILENT, STATUS_404, refused_port
 from test_e2e import RESPONSE_500, make_dir, wait_up, who
-
-
-@pytest.fixture
-def faults():
-    """Make FaultServers that are stopped when the test ends."""
-    made: list[FaultServer] = []
-
-    def make(*args, **kwargs) -> FaultServer:
-        server = FaultServer(*args, **kwargs)
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.stop()
 
 
 def down_line(port: int, reason: str) -> str:

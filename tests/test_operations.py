@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, http_get, status_of, wait_until
-from faults import OK, STATUS_404, FaultServer, refused_port
+from faults import OK, STATUS_404, refused_port
 
 
 def admin_get(port: int, path: str) -> tuple[int, bytes]:
@@ -34,20 +34,6 @@ def state_of(admin_port: int, backend_port: int) -> str:
         if row["backend"].endswith(":%d" % backend_port):
             return row["state"]
     return "absent"
-
-
-@pytest.fixture
-def faults():
-    servers = []
-
-    def make(**kwargs) -> FaultServer:
-        server = FaultServer(**kwargs)
-        servers.append(server)
-        return server
-
-    yield make
-    for server in servers:
-        server.stop()
 
 
 def test_stats_json_and_page_show_every_backend_with_its_state(procs, faults):
