@@ -252,11 +252,11 @@ class Balancer:
         # per batch: a per-connection Python accept would contend for it with
         # every engine.
         while not self._stopping.is_set():
-            if self._wait_for_room():
+            room = self._room()
+            if not room:
                 continue
             try:
-                batch = bridge.accept_batch(self.listener, self._waker,
-                                            self.max_connections - self.inflight)
+                batch = bridge.accept_batch(self.listener, self._waker, room)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: back off instead of spinning.
@@ -283,20 +283,21 @@ class Balancer:
             # round this connection asked for, if it was the R-th.
             engine.add(client, (addr, ticket + 1 if trigger else 0), ticket)
 
-    def _wait_for_room(self) -> bool:
-        """With ``--max-connections`` open, wait (at most a moment) for one to close.
+    def _room(self) -> int:
+        """How many clients may be accepted now; with none, wait (at most a moment) for one to close.
 
         Like HAProxy at ``maxconn``: new clients wait in the listen backlog
         instead of being accepted and refused.  Router.finished wakes this
         thread when a connection ends; the recheck after CAPACITY_RECHECK
         covers a connection reported before it closed (a 500 still lingering).
-        True when the caller should look again before accepting.
+        0 after such a wait: the caller looks again.
         """
         # Set before ``inflight`` is read, so that a report after the read wakes us.
         self.at_capacity = True
-        if self.inflight < self.max_connections:
+        room = self.max_connections - self.inflight
+        if room > 0:
             self.at_capacity = False
-            return False
+            return room
         now = time.monotonic()
         if now - self._capacity_logged >= CAPACITY_LOG_EVERY:
             self._capacity_logged = now
@@ -307,7 +308,7 @@ class Balancer:
         waiter.register(self._waker, select.POLLIN)
         waiter.poll(CAPACITY_RECHECK * 1000)
         self._waker.drain()
-        return True
+        return 0
 
     def _refuse(self, client, addr) -> None:
         self.pool.count_queue_full()

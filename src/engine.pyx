@@ -420,13 +420,17 @@ cdef object _sockaddr_tuple(sockaddr_storage* addr):
 
 
 cdef object _fill_sockaddr(sockaddr_storage* peer, socklen_t* length, family, ip, port):
-    """With the GIL: the sockaddr for (family, ip, port) in peer; None, or why it cannot be."""
+    """With the GIL: the sockaddr for (family, ip, port) in peer; None, or why it cannot be.
+
+    Runs per routed connection: a numeric address (what fastlb resolves
+    backends to at start-up) is parsed once, straight into ``peer``.
+    """
     cdef sockaddr_in* sin = <sockaddr_in*>peer
     cdef sockaddr_in6* sin6 = <sockaddr_in6*>peer
     cdef int fam = family
-    cdef int scope = 0
     host = ip.encode("ascii", "replace") if isinstance(ip, str) else bytes(ip)
-    if not _numeric(fam, host):
+    memset(peer, 0, sizeof(sockaddr_storage))
+    if not _put_address(peer, fam, host):
         # Not a plain numeric address (a scoped IPv6 "fe80::1%eth0", or a name
         # that was never resolved): what socket.connect would do, once.
         try:
@@ -434,33 +438,28 @@ cdef object _fill_sockaddr(sockaddr_storage* peer, socklen_t* length, family, ip
         except OSError as exc:
             return "connect failed: %s" % (exc.strerror or exc)
         fam, _, _, _, address = infos[0]
-        host = address[0].split("%")[0].encode("ascii")
-        if fam == AF_INET6:
-            scope = address[3]
-        if not _numeric(fam, host):
+        memset(peer, 0, sizeof(sockaddr_storage))
+        if not _put_address(peer, fam, address[0].split("%")[0].encode("ascii")):
             return "connect failed: unsupported address %r" % (address,)
-    memset(peer, 0, sizeof(sockaddr_storage))
+        if fam == AF_INET6:
+            sin6.sin6_scope_id = address[3]
     if fam == AF_INET:
-        inet_pton(AF_INET, host, &sin.sin_addr)
-        sin.sin_family = AF_INET
         sin.sin_port = htons(<unsigned short>port)
         length[0] = sizeof(sockaddr_in)
     else:
-        inet_pton(AF_INET6, host, &sin6.sin6_addr)
-        sin6.sin6_family = AF_INET6
         sin6.sin6_port = htons(<unsigned short>port)
-        sin6.sin6_scope_id = scope
         length[0] = sizeof(sockaddr_in6)
     return None
 
 
-cdef bint _numeric(int family, bytes host):
-    """Whether host is a numeric address of that family (what inet_pton takes)."""
-    cdef sockaddr_in6 scratch
-    if family == AF_INET:
-        return inet_pton(AF_INET, host, &scratch.sin6_addr) == 1
-    if family == AF_INET6:
-        return inet_pton(AF_INET6, host, &scratch.sin6_addr) == 1
+cdef bint _put_address(sockaddr_storage* peer, int family, bytes host):
+    """Parse the numeric address host of that family into peer (address and family); False if it is not one."""
+    if family == AF_INET and inet_pton(AF_INET, host, &(<sockaddr_in*>peer).sin_addr) == 1:
+        (<sockaddr_in*>peer).sin_family = AF_INET
+        return True
+    if family == AF_INET6 and inet_pton(AF_INET6, host, &(<sockaddr_in6*>peer).sin6_addr) == 1:
+        (<sockaddr_in6*>peer).sin6_family = AF_INET6
+        return True
     return False
 
 
@@ -1432,4 +1431,3 @@ cdef class Engine:
         if self.sigpipe_blocked:
             unblock_sigpipe()
             self.sigpipe_blocked = False
-
