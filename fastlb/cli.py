@@ -14,7 +14,8 @@ import threading
 from typing import Callable, Optional, Sequence
 
 from fastlb import __version__, bridge, configfile
-from fastlb.settings import SETTINGS, Config, SettingError, backend, port, resolve
+from fastlb.settings import (SETTINGS, Config, SettingError, backend, default_balance, make_check,
+                             port, resolve)
 
 log = logging.getLogger("fastlb")
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastlb", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # --check and its --check-* family make prefixes ambiguous; HAProxy and
+        # nginx take no abbreviations either.
+        allow_abbrev=False,
     )
     parser.add_argument("port", metavar="LB_PORT", type=_argparse_type(port), nargs="?",
                         help="port to accept client connections on")
@@ -63,14 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS: an option absent from the command line leaves no attribute, so
     # the config file's value (or the default) shows through.
     for setting in SETTINGS:
+        if setting.flag:
+            parser.add_argument(*setting.flags, dest=setting.name, action="store_const",
+                                const=True, default=argparse.SUPPRESS,
+                                help="%s (default: %s)" % (setting.help, setting.shown_default))
+            continue
         parser.add_argument(
             *setting.flags, dest=setting.name, type=_argparse_type(setting.parse),
             default=argparse.SUPPRESS, metavar=setting.metavar or None,
-            help="%s (default: %s)" % (setting.help, setting.default or "off"),
+            help="%s (default: %s)" % (setting.help, setting.shown_default),
         )
     parser.add_argument("--version", action="version",
                         version="fastlb %s (bridge: %s)" % (__version__, bridge.IMPLEMENTATION))
     return parser
+
+
+def _reject_unknown_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Name an unknown option before argparse mistakes its value for a positional."""
+    for arg in argv:
+        if arg == "--":
+            return
+        if not arg.startswith("-") or arg == "-" or arg[1:2].isdigit():
+            continue
+        name = arg.split("=", 1)[0] if arg.startswith("--") else arg[:2]
+        if name not in parser._option_string_actions:
+            parser.error("unrecognized arguments: %s (no such option)" % name)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -87,13 +108,23 @@ def build_config(args: argparse.Namespace) -> Config:
                if key not in values]
     if missing:
         raise SettingError("the following arguments are required: %s" % ", ".join(missing))
-    values["backends"] = [resolve(address) for address in values["backends"]]
+    if not values["balance"]:
+        values["balance"] = default_balance(values["check"])
+    make_check(values)   # the global check settings alone, so their errors name no backend
+    backends = []
+    for address in values["backends"]:
+        try:
+            backends.append(resolve(address.with_settings(values)))
+        except SettingError as exc:
+            raise SettingError("backend %s: %s" % (address.name, exc)) from None
+    values["backends"] = backends
     return Config(**values)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
     """Parse a command line; exits with status 2 and a one-line reason on error."""
     parser = build_parser()
+    _reject_unknown_options(parser, argv)
     args = parser.parse_intermixed_args(list(argv))
     try:
         return args, build_config(args)

@@ -3,12 +3,14 @@
 Keys are the long option names without their dashes (``server-timeout``;
 ``server_timeout`` works too), plus ``listen`` (``PORT`` or ``ADDR:PORT``) and
 ``backends`` (a list of ``"HOST:PORT"`` strings or ``{address = "HOST:PORT",
-weight = N}`` tables).  Values go through the same validators as the command
+weight = N, backup = true, check = "http", ...}`` tables, which may set every
+per-backend setting: the check options and ``send-proxy``).  Values go through the same validators as the command
 line; every error names the file, the line and the key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from typing import Any
@@ -18,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on old Pythons
     import tomli as tomllib
 
-from fastlb.settings import SETTINGS, Address, SettingError, backend, port
+from fastlb.settings import SETTINGS, Address, Setting, SettingError, backend, port
 
 
 def _line_of(text: str, key: str) -> int:
@@ -54,10 +56,8 @@ def load(path: str) -> dict[str, Any]:
             elif key == "backends":
                 values["backends"] = _backends(value)
             elif key in by_key:
-                if isinstance(value, (dict, list, bool)):
-                    raise SettingError("expected a number or a string")
                 setting = by_key[key]
-                values[setting.name] = setting.parse(str(value))
+                values[setting.name] = _setting_value(setting, value)
             else:
                 raise SettingError("unknown key (known: listen, backends, %s)"
                                    % ", ".join(s.flags[-1].lstrip("-") for s in SETTINGS))
@@ -76,22 +76,61 @@ def _listen(value: Any) -> dict[str, Any]:
     return result
 
 
+def _setting_value(setting: Setting, value: Any) -> Any:
+    """A TOML value through the setting's validator: on/off switches take true or false."""
+    if setting.flag:
+        if not isinstance(value, bool):
+            raise SettingError("expected true or false")
+        return value
+    if isinstance(value, (dict, list, bool)):
+        raise SettingError("expected a number or a string")
+    return setting.parse(str(value))
+
+
+# What a backend table may set besides its address: the per-backend settings,
+# by their long option name (dashes or underscores).
+_BACKEND_KEYS = {}
+for _setting in SETTINGS:
+    if _setting.per_backend:
+        _long = _setting.flags[-1].lstrip("-")
+        _BACKEND_KEYS[_long] = _BACKEND_KEYS[_long.replace("-", "_")] = _setting
+
+
 def _backends(value: Any) -> list[Address]:
     if not isinstance(value, list) or not value:
-        raise SettingError("expected a non-empty list of \"HOST:PORT\" or {address, weight}")
+        raise SettingError("expected a non-empty list of \"HOST:PORT\" or {address = ..., ...}")
     addresses = []
     for item in value:
         if isinstance(item, (str, int)) and not isinstance(item, bool):
             addresses.append(backend(str(item)))
         elif isinstance(item, dict):
-            unknown = set(item) - {"address", "weight"}
-            if unknown or "address" not in item:
-                raise SettingError("a backend table takes 'address' and an optional 'weight'")
-            weight = item.get("weight", 1)
-            if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
-                raise SettingError("weight must be a whole number from 1 to 1000 (got %r)" % (weight,))
-            address = backend(str(item["address"]))
-            addresses.append(Address(address.host, address.port, weight=weight))
+            addresses.append(_backend_table(item))
         else:
-            raise SettingError("a backend is \"HOST:PORT\" or {address = \"HOST:PORT\", weight = N}")
+            raise SettingError("a backend is \"HOST:PORT\" or {address = \"HOST:PORT\", weight = N, ...}")
     return addresses
+
+
+def _backend_table(item: dict) -> Address:
+    if "address" not in item:
+        raise SettingError("a backend table needs an 'address'")
+    address = backend(str(item["address"]))
+    where = "backend %s: " % address.name
+    weight = item.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
+        raise SettingError(where + "weight must be a whole number from 1 to 1000 (got %r)" % (weight,))
+    backup = item.get("backup", False)
+    if not isinstance(backup, bool):
+        raise SettingError(where + "backup must be true or false (got %r)" % (backup,))
+    overrides = []
+    for key, value in item.items():
+        if key in ("address", "weight", "backup"):
+            continue
+        setting = _BACKEND_KEYS.get(key)
+        if setting is None:
+            raise SettingError(where + "unknown key %r (a backend table takes address, weight, backup, %s)"
+                               % (key, ", ".join(sorted(k for k in _BACKEND_KEYS if "-" not in k))))
+        try:
+            overrides.append((setting.name, _setting_value(setting, value)))
+        except SettingError as exc:
+            raise SettingError(where + "%s: %s" % (key, exc)) from None
+    return dataclasses.replace(address, weight=weight, backup=backup, overrides=tuple(overrides))

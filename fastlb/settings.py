@@ -7,8 +7,11 @@ generated from ``SETTINGS``; add a setting here and it appears in both.
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 from typing import Any, Callable
+
+from fastlb.policies import POLICIES
 
 
 class SettingError(ValueError):
@@ -23,21 +26,59 @@ class Setting:
     default: Any
     help: str
     metavar: str = ""
+    flag: bool = False              # an on/off switch: takes no value on the command line
+    per_backend: bool = False       # a backend table in the config file may set its own
+
+    @property
+    def shown_default(self) -> str:
+        """The default as --help and the docs show it."""
+        return "off" if self.flag or self.default == "" else str(self.default)
+
+
+CHECK_KINDS = ("load", "http", "tcp", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """How one backend is probed (``--check`` and the ``--check-*`` options)."""
+
+    kind: str = "load"
+    path: str = "/healthcheck"
+    status: tuple[tuple[int, int], ...] = ((200, 399),)   # http: accepted status ranges
+    send: bytes = b""               # tcp: sent after connecting
+    expect: bytes = b""             # tcp: in the answer; http: in the body
+    port: int = 0                   # probe this port instead of the traffic port (0: the same)
+
+    def accepts(self, status: int) -> bool:
+        return any(low <= status <= high for low, high in self.status)
 
 
 @dataclasses.dataclass(frozen=True)
 class Address:
-    """A backend as given on the command line, resolved once at start-up."""
+    """A backend as given on the command line or in the config file, resolved at start-up."""
 
     host: str
     port: int
     ip: str = ""
     family: int = socket.AF_INET
     weight: int = 1                 # share of the load relative to the others (config file)
+    backup: bool = False            # used only while no other backend is up (config file)
+    check: Check = Check()
+    send_proxy: int = 0             # PROXY protocol version sent before the client's bytes (0: none)
+    # Per-backend settings from the config file, applied over the global ones
+    # by ``with_settings``: ((setting name, value), ...).
+    overrides: tuple = ()
 
     @property
     def name(self) -> str:
         return "%s:%d" % (self.host, self.port)
+
+    def with_settings(self, values: dict) -> "Address":
+        """This backend with its check and PROXY settings: its own overrides, else the global ones."""
+        merged = dict(values)
+        merged.update(self.overrides)
+        return dataclasses.replace(self, check=make_check(merged),
+                                   send_proxy=proxy_version_number(merged.get("send_proxy", "")))
 
 
 def _integer(text: str, low: int, high: int | None = None) -> int:
@@ -95,6 +136,116 @@ def backend(text: str) -> Address:
         raise SettingError("backend %r: %s" % (text, exc)) from None
 
 
+def choice(*allowed: str, what: str) -> Callable[[str], str]:
+    """A validator accepting one of ``allowed``."""
+    listed = "%s or %s" % (", ".join(allowed[:-1]), allowed[-1])
+
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise SettingError("%s must be %s (got %r)" % (what, listed, text))
+        return text
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
+
+
+check_kind = choice(*CHECK_KINDS, what="check kind")
+balance_policy = choice(*POLICIES, what="balance policy")
+proxy_version = choice("v1", "v2", what="PROXY protocol version")
+
+
+def proxy_version_number(text: str) -> int:
+    return {"": 0, "v1": 1, "v2": 2}[text]
+
+
+def check_path(text: str) -> str:
+    """An HTTP request target: starts with '/', no spaces or control characters."""
+    if not text.startswith("/"):
+        raise SettingError("check path must start with '/' (got %r)" % text)
+    if any(c <= " " or c == "\x7f" for c in text):
+        raise SettingError("check path may not hold spaces or control characters (got %r)" % text)
+    return text
+
+
+def status_ranges(text: str) -> str:
+    """``200``, ``200,204``, ``200-299`` ...: validated here, read by ``parse_status_ranges``."""
+    parse_status_ranges(text)
+    return text
+
+
+def parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for part in text.split(","):
+        low_text, dash, high_text = part.strip().partition("-")
+        try:
+            low = int(low_text.strip(), 10)
+            high = int(high_text.strip(), 10) if dash else low
+        except ValueError:
+            raise SettingError("status ranges are codes and ranges such as 200,204 or 200-299 "
+                               "(got %r)" % text) from None
+        if not (100 <= low <= high <= 599):
+            raise SettingError("status range %r is not within 100-599, low to high" % part.strip())
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+_ESCAPES = {"r": b"\r", "n": b"\n", "t": b"\t", "\\": b"\\"}
+
+
+def unescape(text: str) -> bytes:
+    """The bytes of ``text`` with the escapes \\r \\n \\t \\\\ and \\xHH (others UTF-8)."""
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out += c.encode("utf-8")
+            i += 1
+            continue
+        code = text[i + 1:i + 2]
+        if code in _ESCAPES:
+            out += _ESCAPES[code]
+            i += 2
+        elif code == "x" and re.fullmatch(r"[0-9A-Fa-f]{2}", text[i + 2:i + 4]):
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        else:
+            raise SettingError("unknown escape %r in %r (known: \\r \\n \\t \\\\ \\xHH)"
+                               % (text[i:i + 4] if code == "x" else text[i:i + 2], text))
+    return bytes(out)
+
+
+def escaped_text(text: str) -> str:
+    unescape(text)
+    return text
+
+
+def check_port(text: str) -> int:
+    return 0 if text == "0" else port(text)
+
+
+def switch(text: str) -> bool:
+    """An on/off setting: the command line gives no value; the config file gives true or false."""
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise SettingError("expected true or false (got %r)" % text)
+
+
+def make_check(values: dict) -> Check:
+    """The Check for a backend from its settings; SettingError for options its kind cannot use."""
+    kind = values.get("check", "load")
+    send, expect = values.get("check_send", ""), values.get("check_expect", "")
+    if send and kind != "tcp":
+        raise SettingError("--check-send needs --check tcp (the check is %s)" % kind)
+    if expect and kind not in ("tcp", "http"):
+        raise SettingError("--check-expect needs --check tcp or http (the check is %s)" % kind)
+    return Check(kind=kind, path=values.get("check_path", "/healthcheck"),
+                 status=parse_status_ranges(values.get("check_status", "200-399")),
+                 send=unescape(send), expect=unescape(expect), port=values.get("check_port", 0))
+
+
 def log_level(text: str) -> str:
     level = text.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -139,7 +290,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds to establish a backend connection before trying the next backend", "SECONDS"),
     Setting("server_timeout", ("--server-timeout",), seconds, 10.0,
             "seconds a backend may stay silent after the client's last byte before its first "
-            "answer byte (the client then gets a 500 and the backend is marked down); keep it "
+            "answer byte (the client then gets a 500; the timeout is counted for the backend but "
+            "does not mark it down); keep it "
             "well above 1 s, curl pauses 1 s before large PUT bodies", "SECONDS"),
     Setting("idle_timeout", ("--idle-timeout",), seconds, 60.0,
             "seconds a relay may stay idle in both directions before it is closed", "SECONDS"),
@@ -163,6 +315,35 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fall", ("--fall",), at_least_one, 1,
             "consecutive failed probes before a backend is marked down (a refused connect "
             "during traffic still marks it down at once)", "N"),
+    Setting("check", ("--check",), check_kind, "load",
+            "how backends are probed: load (GET the check path, expect 200 with the body "
+            "'<errors>\\n<entries>'), http (GET the check path, expect a status in --check-status), "
+            "tcp (connect; with --check-send/--check-expect, a send/expect exchange) or none "
+            "(no probes)", "KIND", per_backend=True),
+    Setting("check_path", ("--check-path",), check_path, "/healthcheck",
+            "path requested by the load and http checks", "PATH", per_backend=True),
+    Setting("check_status", ("--check-status",), status_ranges, "200-399",
+            "statuses an http check counts as healthy: codes and ranges such as 200,204 or 200-299",
+            "RANGES", per_backend=True),
+    Setting("check_send", ("--check-send",), escaped_text, "",
+            "tcp check: bytes sent after connecting (escapes \\r \\n \\t \\\\ \\xHH)", "TEXT",
+            per_backend=True),
+    Setting("check_expect", ("--check-expect",), escaped_text, "",
+            "tcp check: text that must appear in the answer; http check: in the body (same escapes)",
+            "TEXT", per_backend=True),
+    Setting("check_port", ("--check-port",), check_port, 0,
+            "probe this port instead of the traffic port (0: the traffic port)", "PORT",
+            per_backend=True),
+    Setting("balance", ("--balance",), balance_policy, "",
+            "how a backend is chosen: least-loaded, leastconn, roundrobin, source or p2c "
+            "(empty: least-loaded with --check load, leastconn otherwise)", "POLICY"),
+    Setting("send_proxy", ("--send-proxy",), proxy_version, "",
+            "send a PROXY protocol header (v1 or v2) with the client's address before its bytes; "
+            "probes to the traffic port then start with one too; off when empty", "VERSION",
+            per_backend=True),
+    Setting("accept_proxy", ("--accept-proxy",), switch, False,
+            "every client connection must start with a PROXY protocol header (v1 or v2), whose "
+            "address is then the client's", flag=True),
     Setting("admin", ("--admin",), admin_address, "",
             "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
             "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT"),
@@ -183,6 +364,11 @@ Config = dataclasses.make_dataclass(
 Config.__doc__ = "A complete, validated fastlb configuration."
 
 
+def default_balance(check: str) -> str:
+    """The policy when --balance is not given: backends that report load are compared by it."""
+    return "least-loaded" if check == "load" else "leastconn"
+
+
 def resolve(address: Address) -> Address:
     """Resolve a backend's host once, so no connection pays for name resolution."""
     try:
@@ -199,6 +385,7 @@ def settings_reference() -> str:
     """The option reference as a Markdown table, for the docs."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for setting in SETTINGS:
-        flags = ", ".join("`%s %s`" % (flag, setting.metavar) for flag in setting.flags)
-        rows.append("| %s | %s | %s |" % (flags, setting.default, setting.help))
+        flags = ", ".join("`%s`" % " ".join(filter(None, (flag, setting.metavar)))
+                          for flag in setting.flags)
+        rows.append("| %s | %s | %s |" % (flags, setting.shown_default, setting.help))
     return "\n".join(rows)

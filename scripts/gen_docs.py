@@ -23,13 +23,18 @@ FILES = [ROOT / "README.md", ROOT / "docs" / "design.md", ROOT / "docs" / "opera
 def config_reference() -> str:
     """Every config-file key with its default, as a commented TOML file."""
     lines = ["```toml", 'listen = "0.0.0.0:8000"          # LB_PORT, or "ADDR:PORT" (sets --bind too)',
-             'backends = ["8080", "10.0.0.2:8080", { address = "10.0.0.3:8080", weight = 2 }]', ""]
+             'backends = ["8080", "10.0.0.2:8080", { address = "10.0.0.3:8080", weight = 2 }]',
+             "# a backend table may also set backup = true and its own check-* and send-proxy",
+             "# settings, e.g. { address = \"10.0.0.4:6379\", backup = true, check = \"tcp\" }", ""]
     for setting in SETTINGS:
         key = setting.flags[-1].lstrip("-")
         default = setting.default
-        value = ('"%s"' % default) if isinstance(default, str) else repr(default)
+        if isinstance(default, bool):
+            value = "true" if default else "false"
+        else:
+            value = ('"%s"' % default) if isinstance(default, str) else repr(default)
         lines.append("# %s" % setting.help)
-        lines.append("%s%s = %s" % ("" if default != "" else "# ", key, value))
+        lines.append("%s%s = %s" % ("# " if setting.shown_default == "off" else "", key, value))
     lines.append("```")
     return "\n".join(lines)
 
