@@ -1,4 +1,4 @@
-"""Pure-Python twin of the hot path: the byte relay and the HTTP parsers.
+"""Pure-Python twin of the hot path: the byte relay, the HTTP parsers and the PROXY protocol codec.
 
 This module is the readable specification of ``fastlb._bridge`` (compiled from
 ``src/bridge.pyx``): both expose the same names and make the same decisions, and
@@ -18,9 +18,12 @@ __all__ = [
     "IMPLEMENTATION",
     "BUFFER_SIZE",
     "MAX_HEALTH_ANSWER",
+    "MAX_PROXY_HEADER",
     "RelayResult",
     "parse_status_line",
     "parse_health_answer",
+    "parse_proxy_header",
+    "build_proxy_header",
     "relay",
 ]
 
@@ -200,6 +203,213 @@ def parse_health_answer(data: bytes, at_eof: bool):
         raise ValueError("malformed body")
     return _parse_count(errors), _parse_count(entries)
 
+
+
+# -- PROXY protocol (HAProxy's doc/proxy-protocol.txt, v1 text and v2 binary) --
+
+# The longest header accepted: HAProxy's default buffer size.  A v1 line is at
+# most 107 bytes; a v2 header is 16 bytes plus its length field, so a sender
+# could announce up to 64 KiB of TLVs that nobody here reads.
+MAX_PROXY_HEADER = 16384
+
+PROXY_V1_PREFIX = b"PROXY "
+# The v1 maximum, CRLF included: "PROXY UNKNOWN" plus two 39-character IPv6
+# addresses, two 5-digit ports and their spaces.
+PROXY_V1_MAX_LINE = 107
+# Chosen so that no text protocol can start with it (a NUL, then "QUIT").
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+# Signature, version/command, family/transport, 2-byte big-endian length.
+PROXY_V2_FIXED_LEN = 16
+
+_V2_LOCAL, _V2_PROXY = 0, 1
+_V2_UNSPEC, _V2_INET, _V2_INET6, _V2_UNIX = 0, 1, 2, 3
+_V2_STREAM, _V2_DGRAM = 1, 2
+# The address block each family needs at least (addresses then ports);
+# anything after it is TLVs.
+_V2_ADDRESS_LEN = {_V2_UNSPEC: 0, _V2_INET: 12, _V2_INET6: 36, _V2_UNIX: 216}
+_V2_FAMILIES = {_V2_INET: socket.AF_INET, _V2_INET6: socket.AF_INET6}
+_V1_FAMILIES = {b"TCP4": socket.AF_INET, b"TCP6": socket.AF_INET6}
+
+# Every decision reads at most the first 107 bytes (a v1 line, or a v2 fixed
+# header and its 36-byte INET6 block); of the rest only the length matters.
+_DECISIVE_BYTES = PROXY_V1_MAX_LINE
+
+
+def parse_proxy_header(data):
+    """Parse the PROXY protocol header at the start of ``data``: ``(length, source, destination)``, or None.
+
+    None means ``data`` is a valid beginning of a header but not all of it yet.
+    ``length`` is the header's size: whatever follows is the client's own
+    bytes.  ``source`` and ``destination`` are ``(ip, port)`` with the address
+    in ``socket.inet_ntop`` form, or both None when the sender says to use the
+    connection's real endpoints (v1 UNKNOWN; v2 LOCAL; v2 PROXY for anything
+    but TCP over IPv4 or IPv6).  Raises ``ValueError`` as soon as ``data``
+    cannot start a valid header, in this order of checks:
+
+    - the first bytes are neither "PROXY " nor the v2 signature
+                                              "not a PROXY protocol header"
+    - v1: no CRLF in the first 107 bytes      "v1 header too long"
+    - v1: a complete line that is not ``TCP4|TCP6 src dst sport dport`` or
+      ``UNKNOWN[ anything]``, or a CR not followed by LF
+                                              "malformed v1 header"
+    - v2 (13th byte): version is not 2        "v2 bad version"
+    - v2 (13th byte): command not LOCAL/PROXY "v2 bad command"
+    - v2 PROXY (14th byte): family above UNIX or transport above DGRAM
+                                              "v2 bad address family"
+    - v2 (16th byte): 16 + length field > MAX_PROXY_HEADER
+                                              "v2 header too long"
+    - v2 PROXY: length too short for the family's addresses
+                                              "v2 address block too short"
+
+    A v1 line is judged once its CRLF has arrived (or 107 bytes without one),
+    a v2 header byte by byte.  ``data`` is any bytes-like object.
+    """
+    view = memoryview(data).cast("B")  # a str is a TypeError, as in the compiled twin
+    n = len(view)
+    head = view[:_DECISIVE_BYTES].tobytes()
+    signature = PROXY_V1_PREFIX if head[:1] == b"P" else PROXY_V2_SIGNATURE
+    # Decide at the first byte that differs, so that a client speaking
+    # anything else is turned away without waiting for more.
+    known = min(n, len(signature))
+    if head[:known] != signature[:known]:
+        raise ValueError("not a PROXY protocol header")
+    if n < len(signature):
+        return None
+    if signature is PROXY_V1_PREFIX:
+        return _parse_proxy_v1(head, n)
+    return _parse_proxy_v2(head, n)
+
+
+def _parse_proxy_v1(head: bytes, n: int):
+    # The line ends at its first CR, which must be followed by LF and leave
+    # the line within 107 bytes: the CR is at index 105 at the latest.
+    cr = head.find(b"\r", len(PROXY_V1_PREFIX), PROXY_V1_MAX_LINE - 1)
+    if cr < 0:
+        if n >= PROXY_V1_MAX_LINE:
+            raise ValueError("v1 header too long")
+        return None
+    if cr + 1 == n:
+        return None
+    if head[cr + 1] != 0x0A:
+        raise ValueError("malformed v1 header")
+    length = cr + 2
+    # Fields are separated by exactly one space: a doubled or trailing space
+    # makes an empty field, which no address or port parses as.
+    fields = head[len(PROXY_V1_PREFIX):cr].split(b" ")
+    if fields[0] == b"UNKNOWN":
+        return length, None, None  # whatever follows UNKNOWN is ignored
+    family = _V1_FAMILIES.get(fields[0])
+    if family is None or len(fields) != 5:
+        raise ValueError("malformed v1 header")
+    _, src, dst, sport, dport = fields
+    return length, _v1_endpoint(family, src, sport), _v1_endpoint(family, dst, dport)
+
+
+def _v1_endpoint(family: int, address: bytes, port: bytes):
+    """``(canonical ip, port)`` from a v1 line's text fields."""
+    try:
+        # inet_pton of the line's family, as the compiled twin calls it: an
+        # IPv6 address after TCP4 is malformed, and so are the lax forms
+        # inet_aton would take ("1.2.3", "0x7f.1").
+        packed = socket.inet_pton(family, address.decode("ascii"))
+    except (OSError, ValueError):  # ValueError: non-ASCII or a NUL byte
+        raise ValueError("malformed v1 header") from None
+    if not 1 <= len(port) <= 5 or any(c not in _DIGITS for c in port) or int(port) > 65535:
+        raise ValueError("malformed v1 header")
+    return socket.inet_ntop(family, packed), int(port)
+
+
+def _parse_proxy_v2(head: bytes, n: int):
+    if n < 13:
+        return None
+    version, command = head[12] >> 4, head[12] & 0x0F
+    if version != 2:
+        raise ValueError("v2 bad version")
+    if command not in (_V2_LOCAL, _V2_PROXY):
+        raise ValueError("v2 bad command")
+    if n < 14:
+        return None
+    # LOCAL (a health check from the proxy itself) ignores the family byte
+    # and the address block entirely.
+    family, transport = head[13] >> 4, head[13] & 0x0F
+    if command == _V2_PROXY and (family > _V2_UNIX or transport > _V2_DGRAM):
+        raise ValueError("v2 bad address family")
+    if n < PROXY_V2_FIXED_LEN:
+        return None
+    length = PROXY_V2_FIXED_LEN + int.from_bytes(head[14:16], "big")
+    if length > MAX_PROXY_HEADER:
+        raise ValueError("v2 header too long")
+    if command == _V2_PROXY and length - PROXY_V2_FIXED_LEN < _V2_ADDRESS_LEN[family]:
+        raise ValueError("v2 address block too short")
+    if n < length:
+        return None
+    if command == _V2_LOCAL or transport != _V2_STREAM or family not in _V2_FAMILIES:
+        return length, None, None
+    # Source address, destination address, source port, destination port;
+    # TLVs after the block are skipped.
+    size = 4 if family == _V2_INET else 16
+    block = head[PROXY_V2_FIXED_LEN:PROXY_V2_FIXED_LEN + 2 * size + 4]
+    af = _V2_FAMILIES[family]
+    source = socket.inet_ntop(af, block[:size]), int.from_bytes(block[2 * size:2 * size + 2], "big")
+    destination = (socket.inet_ntop(af, block[size:2 * size]),
+                   int.from_bytes(block[2 * size + 2:2 * size + 4], "big"))
+    return length, source, destination
+
+
+def _packed_endpoint(address):
+    """``(family, packed address, port)`` of a builder argument, or the ValueError/TypeError it deserves."""
+    if not isinstance(address, tuple) or len(address) != 2:
+        raise TypeError("an endpoint is an (ip, port) tuple")
+    ip, port = address
+    if not isinstance(ip, str) or not isinstance(port, int):
+        raise TypeError("an endpoint is an (ip, port) tuple")
+    if not 0 <= port <= 65535:
+        raise ValueError("port %r is outside 0-65535" % port)
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return family, socket.inet_pton(family, ip), port
+        except (OSError, ValueError):  # ValueError: a NUL or an unencodable character
+            pass
+    raise ValueError("invalid IP address %r" % ip)
+
+
+def build_proxy_header(version: int, source, destination) -> bytes:
+    """The PROXY protocol header (``version`` 1 or 2) that announces ``source`` -> ``destination``.
+
+    Each endpoint is ``(ip, port)``.  When either is None the header says to
+    use the connection's own endpoints (v1 UNKNOWN, v2 LOCAL).  When one
+    address is IPv4 and the other IPv6, the IPv4 one is sent as an
+    IPv4-mapped IPv6 address.  Raises ``ValueError`` for another version, an
+    address ``inet_pton`` rejects or a port outside 0..65535, and
+    ``TypeError`` for an endpoint that is not an ``(str, int)`` tuple.
+    """
+    if version not in (1, 2):
+        raise ValueError("PROXY protocol version must be 1 or 2")
+    src = None if source is None else _packed_endpoint(source)
+    dst = None if destination is None else _packed_endpoint(destination)
+    if src is None or dst is None:
+        if version == 1:
+            return b"PROXY UNKNOWN\r\n"
+        return PROXY_V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00])
+    if src[0] != dst[0]:
+        src, dst = (_ipv4_mapped(e) for e in (src, dst))
+    family = src[0]
+    if version == 1:
+        return b"PROXY %s %s %s %d %d\r\n" % (
+            b"TCP4" if family == socket.AF_INET else b"TCP6",
+            socket.inet_ntop(family, src[1]).encode(), socket.inet_ntop(family, dst[1]).encode(),
+            src[2], dst[2])
+    block = src[1] + dst[1] + src[2].to_bytes(2, "big") + dst[2].to_bytes(2, "big")
+    family_byte = 0x11 if family == socket.AF_INET else 0x21  # INET or INET6, STREAM
+    return PROXY_V2_SIGNATURE + bytes([0x21, family_byte]) + len(block).to_bytes(2, "big") + block
+
+
+def _ipv4_mapped(endpoint):
+    """The endpoint as IPv6: an IPv4 address becomes ::ffff:a.b.c.d."""
+    family, packed, port = endpoint
+    if family == socket.AF_INET6:
+        return endpoint
+    return socket.AF_INET6, b"\x00" * 10 + b"\xff\xff" + packed, port
 
 def _send_all(sock: socket.socket, data: memoryview, deadline: float) -> bool:
     """Write all of ``data`` before ``deadline``; False when the deadline passed first."""

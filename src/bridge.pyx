@@ -1,5 +1,5 @@
 # cython: language_level=3, embedsignature=True
-"""Compiled twin of the hot path: the byte relay and the HTTP parsers.
+"""Compiled twin of the hot path: the byte relay, the HTTP parsers and the PROXY protocol codec.
 
 Built from ``src/bridge.pyx`` into ``fastlb._bridge``.  It exposes the same
 names as ``fastlb._bridge_py`` -- the readable specification -- and makes the
@@ -10,7 +10,9 @@ What differs is how: the relay loop runs entirely without the GIL (so several
 worker threads relay in parallel), uses a larger buffer, and moves bulk
 transfers with splice(2) through a pipe instead of copying them through user
 space.  The parsers are C functions over the bytes, shared with the relay,
-which uses the status-line parser on the backend's first bytes.
+which uses the status-line parser on the backend's first bytes.  The PROXY
+protocol codec is src/proxy_header.pxd, shared with the engine; here it is only
+wrapped for Python.
 """
 
 import collections
@@ -34,14 +36,19 @@ from libc_socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdo
 from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc_unistd cimport close
 from http_status cimport STATUS_PREFIX_LEN, _is_digit, status_code
+from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses, proxy_addresses_from_tuples,
+                           proxy_addresses_tuple, proxy_build, proxy_error_reason, proxy_parse)
 
 __all__ = [
     "IMPLEMENTATION",
     "BUFFER_SIZE",
     "MAX_HEALTH_ANSWER",
+    "MAX_PROXY_HEADER",
     "RelayResult",
     "parse_status_line",
     "parse_health_answer",
+    "parse_proxy_header",
+    "build_proxy_header",
     "relay",
 ]
 
@@ -73,6 +80,7 @@ cdef enum:
 
 BUFFER_SIZE = C_BUFFER_SIZE
 MAX_HEALTH_ANSWER = C_MAX_HEALTH_ANSWER
+MAX_PROXY_HEADER = PROXY_MAX_HEADER
 
 # Largest value the health answer may carry (63 bits, a signed 64-bit int).
 cdef uint64_t MAX_COUNT = (<uint64_t>1 << 63) - 1
@@ -306,6 +314,51 @@ def parse_health_answer(data, bint at_eof):
     if outcome == HEALTH_STATUS:
         raise ValueError("status %d" % status)
     raise ValueError(_HEALTH_ERRORS[outcome])
+
+
+# -- PROXY protocol -------------------------------------------------------------
+
+def parse_proxy_header(data):
+    """Parse the PROXY protocol header at the start of ``data``: ``(length, source, destination)``, or None.
+
+    None means ``data`` is a valid beginning of a header but not all of it yet.
+    ``source`` and ``destination`` are ``(ip, port)``, or both None when the
+    connection's real endpoints apply.  Raises ``ValueError`` as soon as
+    ``data`` cannot start a valid header; the reasons and the order in which
+    they are checked are those of ``fastlb._bridge_py.parse_proxy_header``.
+    ``data`` is any bytes-like object.
+    """
+    cdef Py_buffer view
+    cdef ProxyAddresses addresses
+    cdef int error = 0
+    cdef Py_ssize_t length
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    length = proxy_parse(<const unsigned char*>view.buf, view.len, &addresses, &error)
+    PyBuffer_Release(&view)
+    if length == 0:
+        return None
+    if length < 0:
+        raise ValueError(proxy_error_reason(error))
+    source, destination = proxy_addresses_tuple(&addresses)
+    return length, source, destination
+
+
+def build_proxy_header(version, source, destination):
+    """The PROXY protocol header (``version`` 1 or 2) that announces ``source`` -> ``destination``.
+
+    Each endpoint is ``(ip, port)``; when either is None the header says to use
+    the connection's own endpoints.  Mixed IPv4 and IPv6 become IPv6 with the
+    IPv4 address mapped.  Errors are those of
+    ``fastlb._bridge_py.build_proxy_header``.
+    """
+    cdef ProxyAddresses addresses
+    cdef unsigned char out[PROXY_BUILD_MAX]
+    cdef Py_ssize_t length
+    if version not in (1, 2):
+        raise ValueError("PROXY protocol version must be 1 or 2")
+    proxy_addresses_from_tuples(&addresses, source, destination)
+    length = proxy_build(out, version, &addresses)
+    return out[:length]
 
 
 # -- relay --------------------------------------------------------------------

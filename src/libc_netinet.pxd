@@ -1,6 +1,7 @@
 # Declarations from <netinet/in.h>, <netinet/tcp.h> and <arpa/inet.h> used by
 # src/engine.pyx: IPv4/IPv6 socket addresses built from a numeric address, and
-# turned back into one for accepted clients.
+# turned back into one for accepted clients; and by src/proxy_header.pxd, which
+# reads and prints the addresses of PROXY protocol headers.
 
 from libc.stdint cimport uint16_t, uint32_t
 

@@ -61,6 +61,9 @@ def test_both_twins_export_the_same_names():
         assert hasattr(compiled, name), name
     assert compiled.RelayResult._fields == python.RelayResult._fields
     assert compiled.MAX_HEALTH_ANSWER == python.MAX_HEALTH_ANSWER
+    assert compiled.MAX_PROXY_HEADER == python.MAX_PROXY_HEADER == 16384
+    for name in ("MAX_PROXY_HEADER", "parse_proxy_header", "build_proxy_header"):
+        assert name in python.__all__, name
     assert compiled.BUFFER_SIZE >= python.BUFFER_SIZE
     # Results compare equal across twins.
     assert compiled.RelayResult(1, 2, "eof", "eof", "done", 200) == \
