@@ -232,12 +232,12 @@ class FixedRouter:
         self.ports = ports
         self.turn = 0
 
-    def choose(self, tried, ticket):
+    def choose(self, tried, ticket, addr=None, source=None):
         if tried:
             return None
         self.turn += 1
         port = self.ports[self.turn % len(self.ports)]
-        return port, socket.AF_INET, "127.0.0.1", port
+        return port, socket.AF_INET, "127.0.0.1", port, 0
 
     def connect_failed(self, token, reason):
         raise AssertionError("backend %s: %s" % (token, reason))

@@ -12,10 +12,11 @@ LINGER_BYTES: int
 RESPONSE_500: bytes
 ACCEPT_BATCH: int
 
-_Route = Tuple[Any, int, str, int]  # (token, family, ip, port)
+_Route = Tuple[Any, int, str, int, int]  # (token, family, ip, port, send_proxy version or 0)
 
 class _Router(Protocol):
-    def choose(self, tried: Sequence[Any], ticket: Any) -> Union[_Route, None, bool]: ...
+    def choose(self, tried: Sequence[Any], ticket: Any, addr: Any,
+               source: Optional[Tuple[str, int]]) -> Union[_Route, None, bool]: ...
     def connect_failed(self, token: Any, reason: str) -> None: ...
     def finished(self, token: Any, addr: Any, bytes_up: int, bytes_down: int, status: int,
                  end: str, duration: float) -> None: ...
@@ -31,10 +32,11 @@ class Engine:
     idle_timeout: float
     client_timeout: float
     connect_timeout: float
+    accept_proxy: bool
 
     def __init__(self, router: _Router, server_timeout: float, idle_timeout: float,
                  client_timeout: float, connect_timeout: float,
-                 splice: Optional[bool] = None) -> None: ...
+                 splice: Optional[bool] = None, accept_proxy: bool = False) -> None: ...
     def add(self, client: Union[int, socket.socket], addr: Any = None, ticket: Any = None) -> None: ...
     @property
     def active(self) -> int: ...

@@ -46,8 +46,10 @@ import select
 import selectors
 import socket
 import time
+from typing import Optional
 
-from fastlb._bridge_py import STATUS_PREFIX_LEN, parse_status_line
+from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, build_proxy_header,
+                               parse_proxy_header, parse_status_line)
 from fastlb.waker import Waker
 
 # One recv per readable event.  64 KiB matches the loopback socket buffer
@@ -116,7 +118,7 @@ class _Conn:
         "client", "server", "addr", "ticket", "state", "token", "tried", "accepted", "deadline",
         "up", "down", "up_eof", "down_eof", "up_shut", "down_shut", "bytes_up", "bytes_down",
         "status", "head", "last_up", "client_mask", "server_mask", "lingered", "answered",
-        "reported",
+        "reported", "header", "proxied", "preamble",
     )
 
     def __init__(self, client: socket.socket, addr, ticket, now: float, client_timeout: float):
@@ -138,14 +140,20 @@ class _Conn:
         self.lingered = 0
         self.answered = 0                 # status of fastlb's own answer, if any
         self.reported = False             # router.finished called: never twice
+        # --accept-proxy: the PROXY header's bytes taken so far (None once it
+        # is complete), and the (source, destination) it carried, if any.
+        self.header: Optional[bytearray] = None
+        self.proxied: Optional[tuple] = None
+        self.preamble = b""               # a PROXY header for the backend, sent before all else
 
 
 class Engine:
     """An event loop relaying many client/backend pairs (see the module comment)."""
 
     def __init__(self, router, server_timeout: float, idle_timeout: float, client_timeout: float,
-                 connect_timeout: float, splice=None):
+                 connect_timeout: float, splice=None, accept_proxy: bool = False):
         self.router = router
+        self.accept_proxy = accept_proxy
         self.server_timeout, self.idle_timeout = server_timeout, idle_timeout
         self.client_timeout, self.connect_timeout = client_timeout, connect_timeout
         self._selector = selectors.DefaultSelector()
@@ -243,6 +251,8 @@ class Engine:
 
     def _accept(self, client: socket.socket, addr, ticket) -> None:
         conn = _Conn(client, addr, ticket, time.monotonic(), self.client_timeout)
+        if self.accept_proxy:
+            conn.header = bytearray()
         self._conns.add(conn)
         try:
             client.setblocking(False)
@@ -282,6 +292,9 @@ class Engine:
             self._on_linger(conn)
 
     def _on_first_byte(self, conn: _Conn) -> None:
+        if conn.header is not None:
+            self._on_proxy_header(conn)
+            return
         try:
             first = conn.client.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -296,10 +309,51 @@ class Engine:
         self._watch(conn, 0, 0)
         self._connect_next(conn)
 
+    def _on_proxy_header(self, conn: _Conn) -> None:
+        """Take the client's PROXY header (--accept-proxy), never a byte beyond it.
+
+        The bytes are peeked; only a complete header is taken off the socket,
+        or, while it is incomplete, everything peeked (all of it header).  A
+        client that sends something else is closed as ``bad_proxy_header``.
+        """
+        taken = conn.header
+        try:
+            data = conn.client.recv(MAX_PROXY_HEADER - len(taken), socket.MSG_PEEK)
+        except BlockingIOError:
+            self._watch(conn, READ, 0)
+            return
+        except OSError:
+            self._close(conn, "bad_proxy_header" if taken else "client_error")
+            return
+        if not data:
+            self._close(conn, "bad_proxy_header" if taken else "client_closed")
+            return
+        try:
+            parsed = parse_proxy_header(bytes(taken) + data)
+        except ValueError:
+            self._close(conn, "bad_proxy_header")
+            return
+        try:
+            if parsed is None:
+                taken += conn.client.recv(len(data))
+                self._watch(conn, READ, 0)
+                return
+            length, source, destination = parsed
+            conn.client.recv(length - len(taken))
+        except OSError:
+            self._close(conn, "client_error")
+            return
+        conn.header = None
+        if source is not None:
+            conn.proxied = (source, destination)
+        # The payload's first byte, as for any client.
+        self._on_first_byte(conn)
+
     def _connect_next(self, conn: _Conn) -> None:
         """Connect to the best backend not tried yet, or answer 500 when none is left."""
         while True:
-            choice = self.router.choose(conn.tried, conn.ticket)
+            choice = self.router.choose(conn.tried, conn.ticket, conn.addr,
+                                        conn.proxied[0] if conn.proxied else None)
             if choice is False:
                 if conn.state is not PARKED:
                     conn.state = PARKED
@@ -310,9 +364,10 @@ class Engine:
             if choice is None:
                 self._answer(conn, RESPONSE_500, 500)
                 return
-            token, family, ip, port = choice
+            token, family, ip, port, send_proxy = choice
             conn.token = token
             conn.tried.append(token)
+            conn.preamble = self._proxy_header(conn, send_proxy) if send_proxy else b""
             try:
                 server = socket.socket(family, socket.SOCK_STREAM)
             except OSError:
@@ -358,6 +413,17 @@ class Engine:
         conn.state = RELAYING
         conn.last_up = time.monotonic()
         conn.deadline = conn.last_up + self.server_timeout
+        if conn.preamble:
+            # Before any client byte; what the socket does not take waits in
+            # the buffer, where the client's bytes queue behind it.
+            try:
+                sent = conn.server.send(conn.preamble)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._finish(conn, "server_error")
+                return
+            conn.up += conn.preamble[sent:]
         # The client's first bytes are waiting (they were peeked): pass them on
         # now rather than after another round through the selector.
         end = self._pump(conn, True)
@@ -365,6 +431,17 @@ class Engine:
             self._finish(conn, end)
         else:
             self._update(conn)
+
+    def _proxy_header(self, conn: _Conn, version: int) -> bytes:
+        """The PROXY header for the backend: the accepted header's addresses, else the connection's own."""
+        if conn.proxied:
+            return build_proxy_header(version, *conn.proxied)
+        try:
+            return build_proxy_header(version, conn.client.getpeername()[:2],
+                                      conn.client.getsockname()[:2])
+        except (OSError, ValueError):
+            # Not an inet socket, or the peer just left: an address-less header.
+            return build_proxy_header(version, None, None)
 
     def _connect_failed(self, conn: _Conn, reason: str) -> None:
         self._watch(conn, conn.client_mask, 0)
@@ -471,7 +548,7 @@ class Engine:
 
     def _on_timeout(self, conn: _Conn, now: float) -> None:
         if conn.state is WAIT:
-            self._close(conn, "client_timeout")
+            self._close(conn, "bad_proxy_header" if conn.header else "client_timeout")
         elif conn.state is PARKED:
             conn.ticket = None
             self._connect_next(conn)

@@ -41,19 +41,20 @@ def render_page(stats: dict) -> str:
     for b in stats["backends"]:
         latency = "-" if b["probe_latency"] is None else "%.1f ms" % (b["probe_latency"] * 1000)
         since = time.strftime("%H:%M:%S", time.localtime(b["last_change"]))
-        state = b["state"] + (" (removed)" if b["removed"] else "")
+        state = b["state"] + (" (removed)" if b["removed"] else "") + (" (backup)" if b["backup"] else "")
         rows.append(
             "<tr class='%s'><td class='name'>%s</td><td class='state'>%s</td><td>%s</td>"
-            "<td class='reason'>%s</td><td>%s</td><td>%d</td><td>%d</td><td>%d</td><td>%d</td>"
-            "<td>%d</td><td>%s</td><td>%s</td>%s</tr>"
-            % (esc(b["state"]), esc(b["backend"]), esc(state), since, esc(b["reason"]), latency,
-               b["weight"], b["entries"], b["errors"], b["routed"], b["active"],
+            "<td class='reason'>%s</td><td class='check'>%s</td><td>%s</td><td>%d</td><td>%d</td>"
+            "<td>%d</td><td>%d</td><td>%d</td><td>%s</td><td>%s</td>%s</tr>"
+            % (esc(b["state"]), esc(b["backend"]), esc(state), since, esc(b["reason"]),
+               esc(b["check"]), latency, b["weight"], b["entries"], b["errors"], b["routed"],
+               b["active"],
                human_bytes(b["bytes_up"]), human_bytes(b["bytes_down"]),
                "".join("<td>%d</td>" % b["responses"][c] for c in STATUS_CLASSES))
         )
     t = stats["totals"]
     rows.append(
-        "<tr class='totals'><td>total</td><td>%d/%d up</td><td></td><td></td><td></td><td></td>"
+        "<tr class='totals'><td>total</td><td>%d/%d up</td><td></td><td></td><td></td><td></td><td></td>"
         "<td></td><td></td><td>%d</td><td>%d</td><td>%s</td><td>%s</td>%s</tr>"
         % (t["up"], len(stats["backends"]), t["routed"], t["active"], human_bytes(t["bytes_up"]),
            human_bytes(t["bytes_down"]),
@@ -62,12 +63,14 @@ def render_page(stats: dict) -> str:
     return PAGE % {
         "title": "fastlb on %s" % esc(stats["listen"]),
         "summary": esc(
-            "fastlb %s (%s bridge), %s, up %ds; %d connections accepted, %d in flight (at most %d%s), "
-            "%d queued; %d answered 500 (no backend), %d answered 503 (queue full)"
-            % (stats["version"], stats["bridge"], stats["state"], stats["uptime"], stats["accepted"],
-               stats["inflight"], stats["max_connections"],
+            "fastlb %s (%s bridge), %s, up %ds, balance %s; %d connections accepted, %d in flight "
+            "(at most %d%s), %d queued; %d answered 500 (no backend), %d answered 503 (queue full)%s"
+            % (stats["version"], stats["bridge"], stats["state"], stats["uptime"], stats["balance"],
+               stats["accepted"], stats["inflight"], stats["max_connections"],
                ": at capacity, new clients wait" if stats["at_capacity"] else "",
-               stats["queue_length"], stats["no_backend"], stats["queue_full"])
+               stats["queue_length"], stats["no_backend"], stats["queue_full"],
+               "; %d closed for a missing or bad PROXY header" % stats["bad_proxy_header"]
+               if stats["accept_proxy"] else "")
         ),
         "classes": "".join("<th>%s</th>" % c for c in STATUS_CLASSES),
         "rows": "\n".join(rows),
@@ -85,7 +88,7 @@ p { margin: 0 0 1em; color: #555; }
 table { border-collapse: collapse; }
 th, td { padding: .3em .6em; border: 1px solid #ccc; text-align: right; white-space: nowrap; }
 th { background: #eee; }
-td.name, td.reason, td.state { text-align: left; }
+td.name, td.reason, td.state, td.check { text-align: left; }
 tr.up td.state { background: #c8f0c8; }
 tr.down td.state { background: #f6c4c4; }
 tr.unknown td.state { background: #eee; }
@@ -96,7 +99,7 @@ tr.totals { font-weight: bold; background: #f7f7f7; }
 <p id="summary">%(summary)s</p>
 <table id="backends">
 <thead><tr><th rowspan="2">backend</th><th rowspan="2">state</th><th rowspan="2">since</th>
-<th rowspan="2">last change</th><th rowspan="2">probe</th><th rowspan="2">weight</th>
+<th rowspan="2">last change</th><th rowspan="2">check</th><th rowspan="2">probe</th><th rowspan="2">weight</th>
 <th colspan="2">reported</th><th colspan="2">connections</th><th colspan="2">bytes</th>
 <th colspan="6">responses</th></tr>
 <tr><th>entries</th><th>errors</th><th>routed</th><th>active</th><th>in</th><th>out</th>%(classes)s</tr>
@@ -136,6 +139,9 @@ def render_metrics(stats: dict) -> str:
            [((), stats["no_backend"])])
     family("fastlb_queue_full_total", "counter", "Connections answered 503 because the queue was full.",
            [((), stats["queue_full"])])
+    family("fastlb_bad_proxy_header_total", "counter",
+           "Client connections closed for a missing or bad PROXY protocol header (--accept-proxy).",
+           [((), stats["bad_proxy_header"])])
     family("fastlb_inflight_connections", "gauge", "Accepted connections not yet closed.",
            [((), stats["inflight"])])
     family("fastlb_max_connections", "gauge", "Client connections fastlb holds at most (--max-connections).",
@@ -152,6 +158,10 @@ def render_metrics(stats: dict) -> str:
     per_backend("fastlb_backend_up", "gauge", "1 when the backend is up, else 0.",
                 lambda b: 1 if b["state"] == "up" else 0)
     per_backend("fastlb_backend_weight", "gauge", "Configured weight.", lambda b: b["weight"])
+    family("fastlb_backend_check_info", "gauge",
+           "Always 1; how the backend is probed (check) and whether it is a backup.",
+           [((("backend", b["backend"]), ("check", b["check"]),
+              ("backup", "true" if b["backup"] else "false")), 1) for b in backends])
     per_backend("fastlb_backend_entries", "gauge",
                 "Entries as reported by the last probe plus connections routed since.",
                 lambda b: b["entries"])

@@ -36,6 +36,7 @@ from fastlb.accesslog import AccessLog
 from fastlb.admin import AdminServer
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
+from fastlb.settings import default_balance
 from fastlb.waker import Waker
 
 log = logging.getLogger("fastlb")
@@ -75,6 +76,17 @@ def raise_fd_limit() -> int:
     return soft
 
 
+class Client:
+    """What fastlb knows of one client connection; the engine hands it back to the router as is."""
+
+    __slots__ = ("peer", "round", "source")
+
+    def __init__(self, peer, asked_round: int):
+        self.peer = peer              # the address the connection came from
+        self.round = asked_round      # the probe round this connection asked for (0: none)
+        self.source = None            # the client's address from an accepted PROXY header
+
+
 class Router:
     """What a relay engine may ask of fastlb (see ``fastlb._engine_py``)."""
 
@@ -82,34 +94,43 @@ class Router:
         self.balancer = balancer
         self.pool = balancer.pool
 
-    def choose(self, tried, ticket):
-        """A route ``(backend, family, ip, port)``, None when nothing is usable, False to wait."""
+    def choose(self, tried, ticket, client: Client, source=None):
+        """A route ``(backend, family, ip, port, send_proxy)``, None when nothing is usable, False to wait.
+
+        ``source`` is the client's ``(ip, port)`` from an accepted PROXY header, if any.
+        """
         if ticket and not self.pool.round_applied(ticket):
             return False
-        backend = self.pool.choose(tried)
+        if source is not None:
+            client.source = source
+        peer = source or client.peer
+        backend = self.pool.choose(tried, peer[0] if peer else None)
         if backend is None:
             return None
         address = backend.address
-        return backend, address.family, address.ip or address.host, address.port
+        return backend, address.family, address.ip or address.host, address.port, address.send_proxy
 
     def connect_failed(self, backend: Backend, reason: str) -> None:
         self.pool.connect_failed(backend, reason)
 
-    def finished(self, backend: Optional[Backend], context, bytes_up: int, bytes_down: int,
+    def finished(self, backend: Optional[Backend], client: Client, bytes_up: int, bytes_down: int,
                  status: int, end: str, duration: float) -> None:
-        addr, asked_round = context
-        if asked_round:
-            self.pool.trigger_closed(asked_round)
+        if client.round:
+            self.pool.trigger_closed(client.round)
         if self.balancer.at_capacity:
             self.balancer.wake_accept_loop()
         if backend is not None:
-            self.pool.release(backend, bytes_up, bytes_down, status, duration)
-            if end == "server_timeout" and not bytes_down:
-                self.pool.mark_down(backend, "no answer within %gs (server timeout)"
-                                    % self.balancer.config.server_timeout)
+            # A server timeout is counted (as a failure) but changes no state:
+            # a client that stops in the middle of its request must not be
+            # able to eject a healthy backend (SPEC §4).
+            self.pool.release(backend, bytes_up, bytes_down, status, duration,
+                              timed_out=end == "server_timeout" and not bytes_down)
+        elif end == "bad_proxy_header":
+            self.pool.count_bad_proxy_header()
         access_log = self.balancer.access_log
         if access_log:
-            access_log.record(_peer(addr), backend.name if backend is not None else "",
+            access_log.record(_peer(client.source or client.peer),
+                              backend.name if backend is not None else "",
                               bytes_up, bytes_down, duration, status, end)
 
 
@@ -118,7 +139,8 @@ class Balancer:
 
     def __init__(self, config):
         self.config = config
-        self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall)
+        self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall,
+                                config.balance or default_balance(config.check))
         self.health = HealthChecker(self.pool, config.probe_timeout, config.interval)
         self.listener: Optional[socket.socket] = None
         self.port = config.port
@@ -133,7 +155,8 @@ class Balancer:
         self.router = Router(self)
         self.engines = [
             bridge.Engine(self.router, config.server_timeout, config.idle_timeout,
-                          config.client_timeout, config.connect_timeout)
+                          config.client_timeout, config.connect_timeout,
+                          accept_proxy=config.accept_proxy)
             for _ in range(config.threads)
         ]
         for engine in self.engines:
@@ -279,9 +302,9 @@ class Balancer:
             if engine.pending >= self.config.max_queue:
                 self._refuse(client, addr)
                 continue
-            # The engine hands ``(addr, round)`` back to Router.finished: the
-            # round this connection asked for, if it was the R-th.
-            engine.add(client, (addr, ticket + 1 if trigger else 0), ticket)
+            # The engine hands the Client back to the router: with the round
+            # this connection asked for, if it was the R-th.
+            engine.add(client, Client(addr, ticket + 1 if trigger else 0), ticket)
 
     def _room(self) -> int:
         """How many clients may be accepted now; with none, wait (at most a moment) for one to close.
@@ -344,6 +367,8 @@ class Balancer:
             "started": self.started, "uptime": int(time.time() - self.started),
             "threads": self.config.threads, "accepted": self.pool.accepted,
             "no_backend": self.pool.no_backend, "queue_full": self.pool.queue_full,
+            "bad_proxy_header": self.pool.bad_proxy_header, "balance": self.pool.policy.name,
+            "accept_proxy": self.config.accept_proxy,
             "inflight": self.inflight, "queue_length": sum(e.pending for e in self.engines),
             "max_connections": self.max_connections, "at_capacity": self.at_capacity,
             "backends": backends, "totals": totals,
@@ -357,7 +382,7 @@ class Balancer:
         address, -N, the admin address and the queue size need a restart.
         """
         for name in ("port", "bind", "threads", "admin", "max_queue", "max_connections",
-                     "access_log"):
+                     "access_log", "accept_proxy"):
             if getattr(config, name) != getattr(self.config, name) and not (
                     name == "port" and config.port == self.port):
                 log.warning("reload: %s changed; restart fastlb to apply it", name)
@@ -368,7 +393,7 @@ class Balancer:
         fresh = {a.name: a for a in config.backends if a.name not in known}
         first_probes = probe_many(list(fresh.values()), config.probe_timeout)
         added = self.pool.update(config.backends, config.requests, config.rise, config.fall,
-                                 first_probes)
+                                 first_probes, config.balance or default_balance(config.check))
         self.health.probe_timeout, self.health.interval = config.probe_timeout, config.interval
         for engine in self.engines:
             engine.set_timeouts(config.server_timeout, config.idle_timeout, config.client_timeout,

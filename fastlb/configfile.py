@@ -117,10 +117,10 @@ def _backend_table(item: dict) -> Address:
     where = "backend %s: " % address.name
     weight = item.get("weight", 1)
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
-        raise SettingError(where + "weight must be a whole number from 1 to 1000 (got %r)" % (weight,))
+        raise SettingError("weight must be a whole number from 1 to 1000 (got %r)" % (weight,))
     backup = item.get("backup", False)
     if not isinstance(backup, bool):
-        raise SettingError(where + "backup must be true or false (got %r)" % (backup,))
+        raise SettingError("backup must be true or false (got %r)" % (backup,))
     overrides = []
     for key, value in item.items():
         if key in ("address", "weight", "backup"):

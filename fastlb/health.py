@@ -3,7 +3,11 @@
 Who runs where: the health-check thread (``HealthChecker.run``) owns a selector
 and every probe socket.  It starts a round at start-up, whenever the accept
 loop calls ``trigger`` (the R-th accepted connection) and every ``interval``
-seconds.  A round starts one non-blocking ``Probe`` per backend; all of them
+seconds.  The count-triggered rounds exist to refresh the load that backends
+report, so they probe only ``--check load`` backends; timed rounds probe every
+backend but those with ``--check none``, which instead come back up one
+``interval`` after a failed connect took them down.  A round starts one
+non-blocking ``fastlb.checks.Probe`` per backend; all of them
 progress together in the thread's event loop, each result is applied to the
 pool the moment it is complete, and each probe is cut at its own deadline, so
 one hung backend delays nobody.  A backend whose previous probe is still
@@ -17,163 +21,22 @@ than the probes themselves.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import selectors
-import socket
 import threading
 import time
 from typing import Optional
 
-from fastlb import bridge
-from fastlb.pool import Backend, BackendPool
-from fastlb.settings import Address
+from fastlb.checks import Probe, probe, probe_many
+from fastlb.pool import BackendPool
 from fastlb.waker import Waker
+
+__all__ = ["HealthChecker", "probe", "probe_many"]
 
 log = logging.getLogger("fastlb")
 
 # How long the start-up round still waits for the other backends once one is up.
 STARTUP_GRACE = 0.5
-
-
-def health_request(address: Address) -> bytes:
-    host = "[%s]" % address.host if ":" in address.host else address.host
-    return (
-        "GET /healthcheck HTTP/1.1\r\nHost: %s:%d\r\nConnection: close\r\n\r\n" % (host, address.port)
-    ).encode("ascii", "replace")
-
-
-class Probe:
-    """One probe as a non-blocking state machine: connect, send the request, read, judge.
-
-    ``done`` is set once ``result`` (``(errors, entries)`` or None) and ``reason``
-    are known; the whole probe is bounded by ``deadline``.
-    """
-
-    def __init__(self, address: Address, timeout: float, backend: Optional[Backend] = None,
-                 entry: Optional[list] = None):
-        self.address, self.timeout, self.backend, self.entry = address, timeout, backend, entry
-        self.started = time.monotonic()
-        self.deadline = self.started + timeout
-        self.connected = False
-        self.done = False
-        self.result: Optional[tuple[int, int]] = None
-        self.reason = ""
-        self.latency = 0.0               # seconds from start to outcome, once done
-        self.answer = b""
-        self.sock = socket.socket(address.family, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        target = (address.ip or address.host, address.port)
-        try:
-            code = self.sock.connect_ex(target)
-            if code == errno.EINPROGRESS:
-                # Asking again tells at once whether the handshake is over (it
-                # is, on loopback): then the request goes out now, without a
-                # round through the selector for writability.
-                code = self.sock.connect_ex(target)
-        except OSError as exc:
-            code = exc.errno or errno.EINVAL
-        if code in (0, errno.EISCONN):
-            self._send_request()
-        elif code not in (errno.EINPROGRESS, errno.EALREADY):
-            self._finish(None, _errno_reason(code))
-
-    @property
-    def events(self) -> int:
-        return selectors.EVENT_READ if self.connected else selectors.EVENT_WRITE
-
-    def advance(self) -> None:
-        """Make progress after the selector reported the socket ready."""
-        try:
-            if not self.connected:
-                code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if code:
-                    self._finish(None, _errno_reason(code))
-                    return
-                self._send_request()
-                return
-            chunk = self.sock.recv(bridge.MAX_HEALTH_ANSWER + 1 - len(self.answer))
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._finish(None, exc.strerror or str(exc))
-            return
-        self.answer += chunk
-        try:
-            result = bridge.parse_health_answer(self.answer, not chunk)
-        except ValueError as exc:
-            self._finish(None, str(exc))
-            return
-        if result is not None:
-            self._finish(result, "ok")
-
-    def _send_request(self) -> None:
-        self.connected = True
-        try:
-            # A few hundred bytes into an empty socket buffer: one send does it.
-            self.sock.send(health_request(self.address))
-        except OSError as exc:
-            self._finish(None, exc.strerror or str(exc))
-
-    def expire(self) -> None:
-        """The deadline passed before the answer was complete."""
-        if self.connected:
-            self._finish(None, "timeout (no complete answer within %gs)" % self.timeout)
-        else:
-            self._finish(None, "timeout (no connection within %gs)" % self.timeout)
-
-    def _finish(self, result: Optional[tuple[int, int]], reason: str) -> None:
-        # The socket stays open until the owner has unregistered it (``close``).
-        self.result, self.reason, self.done = result, reason, True
-        self.latency = time.monotonic() - self.started
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _errno_reason(code: int) -> str:
-    if code == errno.ECONNREFUSED:
-        return "connection refused"
-    return os.strerror(code)
-
-
-def probe_many(addresses, timeout: float) -> dict:
-    """Probe several backends at once, outside any round: name -> (result, reason, latency).
-
-    Used where no health thread loop is running yet or should be involved: a
-    one-off check, and a reload probing its new backends before the swap.
-    """
-    probes = [Probe(address, timeout) for address in addresses]
-    with selectors.DefaultSelector() as selector:
-        for one in probes:
-            if not one.done:
-                selector.register(one.sock, one.events, one)
-        while any(not one.done for one in probes):
-            deadline = min(one.deadline for one in probes if not one.done)
-            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
-                one = key.data
-                one.advance()
-                if one.done:
-                    selector.unregister(one.sock)
-                else:
-                    selector.modify(one.sock, one.events, one)
-            now = time.monotonic()
-            for one in probes:
-                if not one.done and one.deadline <= now:
-                    one.expire()
-                    selector.unregister(one.sock)
-    results = {}
-    for one in probes:
-        one.close()
-        results[one.address.name] = (one.result, one.reason, one.latency)
-    return results
-
-
-def probe(address: Address, timeout: float) -> tuple[Optional[tuple[int, int]], str]:
-    """Probe one backend now: ``((errors, entries), "ok")`` when healthy, else ``(None, reason)``."""
-    result, reason, _ = probe_many([address], timeout)[address.name]
-    return result, reason
 
 
 class HealthChecker:
@@ -210,14 +73,17 @@ class HealthChecker:
 
     # -- the health-check thread (or the caller of first_round, before it starts) -----
 
-    def start_round(self) -> None:
-        """Start probing every backend not already being probed.
+    def start_round(self, load_only: bool = False) -> None:
+        """Start probing every backend not already being probed (with ``load_only``, those that report load).
 
         Once the last probe started here is applied the pool is told, so the
         connections waiting for fresh figures are routed (``BackendPool.round_applied``).
         """
         entry = [self.pool.begin_round(), 0]     # [pool's round entry, probes still running]
         for backend in self.pool.backends:
+            kind = backend.address.check.kind
+            if kind == "none" or load_only and kind != "load":
+                continue
             if self.pool.begin_probe(backend):
                 entry[1] += 1
                 one = Probe(backend.address, self.probe_timeout, backend, entry)
@@ -252,14 +118,12 @@ class HealthChecker:
             self._step(next_timed)
             if self._stopped:
                 break
-            started = False
             if self._triggered:
                 self._triggered = False
-                self.start_round()
-                started = True
+                self.start_round(load_only=True)
             if time.monotonic() >= next_timed:
-                if not started:
-                    self.start_round()
+                self.start_round()
+                self.pool.retry_unchecked(self.interval)
                 next_timed = time.monotonic() + self.interval
         for one in list(self._probes):
             self._selector.unregister(one.sock)

@@ -7,7 +7,8 @@ choose backends and report how relays ended (``choose``, ``mark_down``,
 lock ``_lock``; methods whose name starts with ``_locked`` must be called with
 it held.  No method does I/O, so the lock is never held across the network.
 
-Selection itself is ``choose_backend``, a plain function over data.
+Selection itself is ``fastlb.policies``: plain functions over this table's data,
+called with the lock held.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 import time
 from typing import Iterable, Optional, Sequence
 
+from fastlb.policies import Policy
 from fastlb.settings import Address
 
 log = logging.getLogger("fastlb")
@@ -35,7 +37,7 @@ class Backend:
         "address", "index", "state", "reason", "errors", "entries", "probing",
         "probe_started_routed", "routed", "active", "bytes_up", "bytes_down",
         "responses", "failures", "last_change", "probe_latency", "good_probes",
-        "bad_probes", "removed", "durations", "duration_sum",
+        "bad_probes", "removed", "durations", "duration_sum", "rr_current",
     )
 
     def __init__(self, address: Address, index: int):
@@ -43,6 +45,8 @@ class Backend:
         self.index = index            # command-line order, the last tie-breaker
         self.state = UNKNOWN          # not routable until a probe answers
         self.reason = "not probed yet"
+        if address.check.kind == "none":
+            self.state, self.reason = UP, "no health check"
         self.errors = 0               # as reported by the last probe
         self.entries = 0              # reported, plus connections routed since that probe began
         self.probing = False
@@ -60,6 +64,7 @@ class Backend:
         self.removed = False          # dropped by a reload: no new traffic, relays drain
         self.durations = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
+        self.rr_current = 0           # smooth weighted round robin's running weight
 
     @property
     def name(self) -> str:
@@ -68,6 +73,15 @@ class Backend:
     @property
     def weight(self) -> int:
         return self.address.weight
+
+    @property
+    def backup(self) -> bool:
+        return self.address.backup
+
+    @property
+    def reports_load(self) -> bool:
+        """Does the backend's health answer carry its load (``--check load``)?"""
+        return self.address.check.kind == "load"
 
     def load(self) -> tuple:
         """The selection key: entries per unit of weight, then errors, then command-line order."""
@@ -78,17 +92,11 @@ class Backend:
 
 
 def choose_backend(backends: Iterable[Backend], exclude: Sequence[Backend] = ()) -> Optional[Backend]:
-    """The up backend with the fewest entries, then fewest errors, then earliest on the command line.
+    """SPEC §3's rule, the ``least-loaded`` policy: fewest entries per unit of weight, then errors, then order."""
+    return _LEAST_LOADED(backends, exclude)
 
-    Entries are counted per unit of weight, so a backend of weight 2 takes twice the share.
-    """
-    best = None
-    for backend in backends:
-        if backend.state != UP or backend.removed or backend in exclude:
-            continue
-        if best is None or backend.load() < best.load():
-            best = backend
-    return best
+
+_LEAST_LOADED = Policy("least-loaded").choose
 
 
 def status_class(status: int) -> str:
@@ -99,15 +107,19 @@ class BackendPool:
     """The shared backend table and request counter (see the module comment)."""
 
     def __init__(self, addresses: Sequence[Address], requests_per_round: int, rise: int = 1,
-                 fall: int = 1):
+                 fall: int = 1, balance: str = "least-loaded"):
         self._lock = threading.Lock()
         self.backends = [Backend(address, i) for i, address in enumerate(addresses)]
+        self.policy = Policy(balance)
         self._requests_per_round = requests_per_round
+        # Count-triggered rounds refresh reported load: none without a load backend.
+        self._counting = any(b.reports_load for b in self.backends)
         self.rise, self.fall = rise, fall
         self._accepted_since_round = 0
         self.accepted = 0
         self.no_backend = 0           # connections answered with the 500
         self.queue_full = 0           # connections answered with the 503
+        self.bad_proxy_header = 0     # --accept-proxy clients closed for a missing or bad header
         # A connection accepted after a count-triggered round was asked for is
         # routed once the first round begun after that trigger is applied (see
         # ``round_applied``).  Rounds still to be applied are kept as
@@ -132,6 +144,8 @@ class BackendPool:
         with self._lock:
             self.accepted += 1
             ticket = self._rounds_asked
+            if not self._counting:
+                return False, ticket
             self._accepted_since_round += 1
             if self._accepted_since_round >= self._requests_per_round:
                 self._accepted_since_round = 0
@@ -165,10 +179,13 @@ class BackendPool:
                     return applied
             return False
 
-    def choose(self, exclude: Sequence[Backend] = ()) -> Optional[Backend]:
-        """Choose a backend for a new connection and count it there; None if none is usable."""
+    def choose(self, exclude: Sequence[Backend] = (), client: Optional[str] = None) -> Optional[Backend]:
+        """Choose a backend for a new connection and count it there; None if none is usable.
+
+        ``client`` is the client's address, for the ``source`` policy.
+        """
         with self._lock:
-            backend = choose_backend(self.backends, exclude)
+            backend = self.policy.choose(self.backends, exclude, client)
             if backend is None:
                 self.no_backend += 1
                 return None
@@ -182,7 +199,8 @@ class BackendPool:
         with self._lock:
             backend.active -= 1
             backend.routed -= 1
-            backend.entries -= 1
+            # A probe may have replaced the estimate since this connection was counted.
+            backend.entries = max(0, backend.entries - 1)
             backend.failures += 1
             backend.good_probes = 0
             self._locked_set_state(backend, DOWN, reason)
@@ -194,11 +212,13 @@ class BackendPool:
             self._locked_set_state(backend, DOWN, reason)
 
     def release(self, backend: Backend, bytes_up: int, bytes_down: int, status: int,
-                duration: float = 0.0) -> None:
-        """Record a finished relay."""
+                duration: float = 0.0, timed_out: bool = False) -> None:
+        """Record a finished relay; ``timed_out``: the backend never answered (counted, no state change)."""
         bucket = bisect.bisect_left(DURATION_BUCKETS, duration)
         with self._lock:
             backend.active -= 1
+            if timed_out:
+                backend.failures += 1
             backend.bytes_up += bytes_up
             backend.bytes_down += bytes_down
             if bytes_down:
@@ -213,6 +233,10 @@ class BackendPool:
     def count_queue_full(self) -> None:
         with self._lock:
             self.queue_full += 1
+
+    def count_bad_proxy_header(self) -> None:
+        with self._lock:
+            self.bad_proxy_header += 1
 
     # -- health checker ------------------------------------------------------
 
@@ -244,13 +268,13 @@ class BackendPool:
             backend.probe_started_routed = backend.routed
             return True
 
-    def apply_probe(self, backend: Backend, result: Optional[tuple[int, int]], reason: str,
+    def apply_probe(self, backend: Backend, result: Optional[tuple], reason: str,
                     latency: Optional[float]) -> None:
-        """Apply one probe's outcome: ``(errors, entries)`` when healthy, else None and a reason."""
+        """Apply one probe's outcome: ``(errors, entries)`` or ``()`` when healthy, else None and a reason."""
         with self._lock:
             self._locked_apply_probe(backend, result, reason, latency)
 
-    def _locked_apply_probe(self, backend: Backend, result: Optional[tuple[int, int]], reason: str,
+    def _locked_apply_probe(self, backend: Backend, result: Optional[tuple], reason: str,
                             latency: Optional[float]) -> None:
         backend.probing = False
         backend.probe_latency = latency
@@ -261,19 +285,36 @@ class BackendPool:
             if backend.bad_probes >= self.fall or backend.state == UNKNOWN:
                 self._locked_set_state(backend, DOWN, reason)
             return
-        errors, entries = result
-        # Connections routed after the probe began may not be in the
-        # backend's own count yet; keep them in the estimate.
-        backend.errors = errors
-        backend.entries = entries + max(0, backend.routed - backend.probe_started_routed)
+        if result:
+            errors, entries = result
+            # Connections routed after the probe began may not be in the
+            # backend's own count yet; keep them in the estimate.
+            backend.errors = errors
+            backend.entries = entries + max(0, backend.routed - backend.probe_started_routed)
+            reason = "healthy (errors=%d entries=%d)" % (errors, entries)
+        else:
+            # A backend that reports no load: its entries are what fastlb
+            # itself has open there.
+            backend.entries = backend.active
         backend.bad_probes = 0
         backend.good_probes += 1
         # At start-up (state unknown) one good probe is enough, as in HAProxy.
         if backend.good_probes >= self.rise or backend.state == UNKNOWN:
-            self._locked_set_state(backend, UP, "healthy (errors=%d entries=%d)" % (errors, entries))
+            self._locked_set_state(backend, UP, reason)
+
+    def retry_unchecked(self, interval: float) -> None:
+        """Backends without health checks come back up ``interval`` after a failure took them down."""
+        now = time.time()
+        with self._lock:
+            for backend in self.backends:
+                if (backend.address.check.kind == "none" and backend.state == DOWN
+                        and now - backend.last_change >= interval):
+                    self._locked_set_state(backend, UP, "no health check: trying it again after %gs"
+                                           % interval)
 
     def update(self, addresses: Sequence[Address], requests_per_round: int, rise: int,
-               fall: int, first_probes: Optional[dict] = None) -> list[Backend]:
+               fall: int, first_probes: Optional[dict] = None,
+               balance: Optional[str] = None) -> list[Backend]:
         """Replace the backend list after a reload; return the backends that are new.
 
         Backends that stay (same name, counted by occurrence for duplicates) keep
@@ -286,6 +327,8 @@ class BackendPool:
         with self._lock:
             self._requests_per_round = requests_per_round
             self.rise, self.fall = rise, fall
+            if balance is not None and balance != self.policy.name:
+                self.policy = Policy(balance)
             current: dict[tuple, Backend] = {}
             seen: dict[str, int] = {}
             for backend in self.backends:
@@ -313,6 +356,7 @@ class BackendPool:
             for i, backend in enumerate(draining):
                 backend.index = len(kept) + i
             self.backends = kept + draining
+            self._counting = any(b.reports_load for b in kept)
             for backend in added:
                 log.info("backend %s added by reload", backend.name)
                 if first_probes and backend.name in first_probes:
@@ -348,7 +392,8 @@ class BackendPool:
                     "active": b.active, "bytes_up": b.bytes_up, "bytes_down": b.bytes_down,
                     "responses": dict(b.responses), "failures": b.failures,
                     "last_change": b.last_change, "probe_latency": b.probe_latency,
-                    "weight": b.address.weight, "removed": b.removed,
+                    "weight": b.address.weight, "removed": b.removed, "backup": b.backup,
+                    "check": b.address.check.kind,
                     "durations": list(b.durations), "duration_sum": b.duration_sum,
                 }
                 for b in self.backends

@@ -71,11 +71,15 @@ from libc_fcntl cimport splice as splice_fd
 from libc_netinet cimport (INET6_ADDRSTRLEN, IPPROTO_TCP, TCP_NODELAY, htons, inet_ntop, inet_pton,
                            ntohl, ntohs, sockaddr_in, sockaddr_in6)
 from libc_poll cimport POLLIN, poll, pollfd
+from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
+                           proxy_addresses_from_sockaddrs, proxy_addresses_tuple, proxy_build,
+                           proxy_parse)
 from sigpipe cimport block_sigpipe, unblock_sigpipe
 from splice_pipe cimport open_splice_pipe
 from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC,
-                          SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect, getsockopt, recv,
-                          send, setsockopt, shutdown, sockaddr, sockaddr_storage, socket, socklen_t)
+                          SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect, getpeername,
+                          getsockname, getsockopt, recv, send, setsockopt, shutdown, sockaddr,
+                          sockaddr_storage, socket, socklen_t)
 from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from libc_unistd cimport close
 
@@ -155,9 +159,10 @@ cdef enum End:
     END_SERVER_TIMEOUT
     END_IDLE_TIMEOUT
     END_NO_BACKEND
+    END_BAD_PROXY_HEADER
 
 _END_NAMES = ("", "done", "client_timeout", "client_closed", "client_error", "server_error",
-              "server_timeout", "idle_timeout", "no_backend")
+              "server_timeout", "idle_timeout", "no_backend", "bad_proxy_header")
 
 cdef enum SpliceMode:
     SPLICE_AUTO
@@ -216,6 +221,14 @@ cdef struct Conn:
     Py_ssize_t head_len
     int answered            # status of fastlb's own answer, if any
     Py_ssize_t lingered
+    # --accept-proxy: the client's PROXY header.  While it is incomplete, the
+    # bytes taken so far (malloc'ed, header_len of them); once complete,
+    # header_done and the addresses it carried (family 0: none).
+    bint header_done
+    unsigned char* header
+    Py_ssize_t header_len
+    ProxyAddresses proxied
+    int send_proxy          # PROXY version owed to the current backend before any client byte
     End report_end
     int report_status
     double report_duration
@@ -230,6 +243,7 @@ cdef struct Conn:
     PyObject* ticket
     PyObject* token
     PyObject* tried
+    PyObject* source        # (ip, port) from the accepted header, made when first routed
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -486,6 +500,7 @@ cdef class Engine:
     cdef readonly double client_timeout
     cdef readonly double connect_timeout
     cdef SpliceMode splice_mode
+    cdef readonly bint accept_proxy
     cdef int epfd
     cdef int wakefd
     # The hand-off, guarded by the GIL: (fd, addr, ticket) tuples and flags.
@@ -517,7 +532,7 @@ cdef class Engine:
     cdef bint sigpipe_blocked
 
     def __cinit__(self, router, double server_timeout, double idle_timeout, double client_timeout,
-                  double connect_timeout, splice=None):
+                  double connect_timeout, splice=None, bint accept_proxy=False):
         cdef epoll_event ev
         cdef int err
         self.epfd = -1
@@ -528,6 +543,7 @@ cdef class Engine:
         self.client_timeout = client_timeout
         self.connect_timeout = connect_timeout
         self.splice_mode = SPLICE_AUTO if splice is None else SPLICE_ALWAYS if splice else SPLICE_NEVER
+        self.accept_proxy = accept_proxy
         self.incoming = []
         self.scratch = <unsigned char*>malloc(C_READ_SIZE)
         if self.scratch == NULL:
@@ -849,7 +865,10 @@ cdef class Engine:
         """Route c once its client has sent a byte (peeked: it is relayed as it is)."""
         cdef unsigned char byte
         cdef int err = 0
-        cdef Py_ssize_t n = _recv(c.client, &byte, 1, MSG_PEEK, &err)
+        cdef Py_ssize_t n
+        if self.accept_proxy and not c.header_done:
+            return self._on_proxy_header(c)
+        n = _recv(c.client, &byte, 1, MSG_PEEK, &err)
         if n < 0:
             if err != EAGAIN:
                 self._close(c, END_CLIENT_ERROR)
@@ -861,6 +880,57 @@ cdef class Engine:
             return 0
         self._watch(c, 0, 0)
         return self._connect_next(c, FAILED_NOTHING, False)
+
+    cdef int _on_proxy_header(self, Conn* c) except -1 nogil:
+        """Take the client's PROXY header (--accept-proxy), never a byte beyond it.
+
+        The bytes are peeked behind those taken so far; only a complete header
+        is taken off the socket, or, while it is incomplete, everything peeked
+        (all of it header).  A client that sends something else is closed as
+        bad_proxy_header.
+        """
+        cdef int err = 0, reason = 0
+        cdef Py_ssize_t n, length
+        if c.header_len:
+            memcpy(self.scratch, c.header, c.header_len)
+        n = _recv(c.client, self.scratch + c.header_len, PROXY_MAX_HEADER - c.header_len, MSG_PEEK,
+                  &err)
+        if n < 0:
+            if err == EAGAIN:
+                self._watch(c, READ, 0)
+            else:
+                self._close(c, END_BAD_PROXY_HEADER if c.header_len else END_CLIENT_ERROR)
+            return 0
+        if n == 0:
+            self._close(c, END_BAD_PROXY_HEADER if c.header_len else END_CLIENT_CLOSED)
+            return 0
+        length = proxy_parse(self.scratch, c.header_len + n, &c.proxied, &reason)
+        if length < 0:
+            self._close(c, END_BAD_PROXY_HEADER)
+            return 0
+        if length == 0:
+            if c.header == NULL:
+                c.header = <unsigned char*>malloc(PROXY_MAX_HEADER)
+                if c.header == NULL:
+                    self._close(c, END_CLIENT_ERROR)
+                    return 0
+            memcpy(c.header + c.header_len, self.scratch + c.header_len, n)
+            c.header_len += n
+            if _recv(c.client, self.scratch, n, 0, &err) != n:
+                self._close(c, END_CLIENT_ERROR)
+                return 0
+            self._watch(c, READ, 0)
+            return 0
+        n = length - c.header_len
+        if _recv(c.client, self.scratch, n, 0, &err) != n:
+            self._close(c, END_CLIENT_ERROR)
+            return 0
+        free(c.header)
+        c.header = NULL
+        c.header_len = 0
+        c.header_done = True
+        # The payload's first byte, as for any client.
+        return self._on_first_byte(c)
 
     cdef int _connect_next(self, Conn* c, int failed, bint drop_ticket) except -1 nogil:
         """Queue c for the router: the best backend not tried yet, or 500 when none is left.
@@ -958,16 +1028,22 @@ cdef class Engine:
                 tried = []
                 Py_INCREF(tried)
                 c.tried = <PyObject*>tried
-            choice = self.router.choose(<object>c.tried, _obj(c.ticket))
+            if c.source == NULL and c.proxied.family != 0:
+                source = proxy_addresses_tuple(&c.proxied)[0]
+                Py_INCREF(source)
+                c.source = <PyObject*>source
+            choice = self.router.choose(<object>c.tried, _obj(c.ticket), _obj(c.addr),
+                                        _obj(c.source))
             if choice is False:
                 return ROUTE_PARK
             _clear(&c.ticket)
             if choice is None:
                 return ROUTE_NONE
-            token, family, ip, port = choice
+            token, family, ip, port, send_proxy = choice
             Py_INCREF(token)
             c.token = <PyObject*>token
             (<list>c.tried).append(token)
+            c.send_proxy = send_proxy
             reason = _fill_sockaddr(&c.peer, &c.peer_len, family, ip, port)
             if reason is None:
                 return ROUTE_OK
@@ -1049,14 +1125,51 @@ cdef class Engine:
         c.state = ST_RELAYING
         c.last_up = self.now
         c.deadline = self.now + self.server_timeout
+        end = self._send_proxy_header(c) if c.send_proxy else END_NONE
         # The client's first bytes are waiting (they were peeked): pass them on
         # now rather than after another round through epoll.
-        end = self._pump(c, True)
+        if end == END_NONE:
+            end = self._pump(c, True)
         if end != END_NONE:
             self._finish(c, end)
         else:
             self._update(c)
         return 0
+
+    cdef End _send_proxy_header(self, Conn* c) noexcept nogil:
+        """Send the backend its PROXY header: the accepted header's addresses, else the connection's own.
+
+        Before any client byte; what the socket does not take waits in the
+        up direction's buffer, where the client's bytes queue behind it.
+        """
+        cdef ProxyAddresses a
+        cdef sockaddr_storage peer, local
+        cdef socklen_t peer_len = sizeof(peer), local_len = sizeof(local)
+        cdef unsigned char header[PROXY_BUILD_MAX]
+        cdef Py_ssize_t n, sent
+        cdef int err = 0
+        cdef Direction* d = &c.up
+        if c.proxied.family != 0:
+            a = c.proxied
+        elif (getpeername(c.client, <sockaddr*>&peer, &peer_len) < 0
+              or getsockname(c.client, <sockaddr*>&local, &local_len) < 0
+              or not proxy_addresses_from_sockaddrs(&a, &peer, &local)):
+            # Not an inet socket, or the peer just left: an address-less header.
+            memset(&a, 0, sizeof(a))
+        n = proxy_build(header, c.send_proxy, &a)
+        sent = _send(c.server, header, n, &err)
+        if sent < 0:
+            if err != EAGAIN:
+                return END_SERVER_ERROR
+            sent = 0
+        if sent < n:
+            d.buf = <unsigned char*>malloc(BUFFER_CAPACITY)
+            if d.buf == NULL:
+                return END_SERVER_ERROR
+            memcpy(d.buf, header + sent, n - sent)
+            d.start = 0
+            d.end = n - sent
+        return END_NONE
 
     cdef int _connect_failed(self, Conn* c, int failed) except -1 nogil:
         self._forget_server(c)
@@ -1253,7 +1366,7 @@ cdef class Engine:
 
     cdef int _on_timeout(self, Conn* c) except -1 nogil:
         if c.state == ST_WAIT:
-            self._close(c, END_CLIENT_TIMEOUT)
+            self._close(c, END_BAD_PROXY_HEADER if c.header_len else END_CLIENT_TIMEOUT)
         elif c.state == ST_PARKED:
             self._unpark_one(c)
             return self._connect_next(c, FAILED_NOTHING, True)
@@ -1326,6 +1439,9 @@ cdef class Engine:
         c.client = -1
         _release_direction(&c.up)
         _release_direction(&c.down)
+        free(c.header)
+        c.header = NULL
+        c.header_len = 0
         if end != END_NONE:
             self._queue_report(c, end, c.answered if c.answered else (c.status if c.status > 0 else 0))
         elif c.answered:
@@ -1361,6 +1477,7 @@ cdef class Engine:
             _clear(&c.tried)
             _clear(&c.addr)
             _clear(&c.ticket)
+            _clear(&c.source)
         self.reports_tail = NULL
         if error is not None:
             raise error
@@ -1371,12 +1488,14 @@ cdef class Engine:
         while self.dead != NULL:
             c = self.dead
             self.dead = c.next
-            if c.token != NULL or c.tried != NULL or c.addr != NULL or c.ticket != NULL:
+            if (c.token != NULL or c.tried != NULL or c.addr != NULL or c.ticket != NULL
+                    or c.source != NULL):
                 with gil:   # never reported: cannot happen, but never leak either
                     _clear(&c.token)
                     _clear(&c.tried)
                     _clear(&c.addr)
                     _clear(&c.ticket)
+                    _clear(&c.source)
             free(c)
 
     cdef void _shutdown(self) except *:

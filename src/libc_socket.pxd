@@ -38,3 +38,5 @@ cdef extern from "sys/socket.h" nogil:
     int connect(int fd, const sockaddr* addr, socklen_t addrlen)
     int getsockopt(int fd, int level, int name, void* value, socklen_t* length)
     int setsockopt(int fd, int level, int name, const void* value, socklen_t length)
+    int getpeername(int fd, sockaddr* addr, socklen_t* addrlen)
+    int getsockname(int fd, sockaddr* addr, socklen_t* addrlen)

@@ -32,12 +32,12 @@ class Router:
         self.done: list[tuple] = []
         self.lock = threading.Lock()
 
-    def choose(self, tried, ticket):
+    def choose(self, tried, ticket, addr=None, source=None):
         if ticket == "wait":
             return False
         for port in self.ports:
             if port not in tried and port not in self.down:
-                return port, socket.AF_INET, "127.0.0.1", port
+                return port, socket.AF_INET, "127.0.0.1", port, 0
         return None
 
     def connect_failed(self, token, reason):
@@ -300,11 +300,11 @@ def test_parked_connection_is_routed_when_woken_or_else_at_the_route_wait(echo, 
     class Parking(Router):
         ready = False
 
-        def choose(self, tried, ticket):
+        def choose(self, tried, ticket, addr=None, source=None):
             asked.append(ticket)
             if ticket is not None and not self.ready:
                 return False
-            return super().choose(tried, ticket)
+            return super().choose(tried, ticket, addr, source)
 
     parking = Parking(echo.port)
     engine = engine_impl.Engine(parking, server_timeout=5.0, idle_timeout=10.0, client_timeout=5.0,
@@ -624,8 +624,8 @@ def test_ipv6_backend_is_reached_by_address(harness):
     port = listener.getsockname()[1]
 
     class V6(Router):
-        def choose(self, tried, ticket):
-            return None if tried else (port, socket.AF_INET6, "::1", port)
+        def choose(self, tried, ticket, addr=None, source=None):
+            return None if tried else (port, socket.AF_INET6, "::1", port, 0)
 
     def answer():
         conn, _ = listener.accept()
@@ -759,10 +759,10 @@ def test_python_objects_handed_to_the_engine_are_released(engine_impl, echo):
     class Counting:
         """Keeps no reference to what it is given."""
 
-        def choose(self, tried, ticket_):
+        def choose(self, tried, ticket_, addr_=None, source=None):
             if not tried:
-                return refused, socket.AF_INET, "127.0.0.1", dead
-            return (served, socket.AF_INET, "127.0.0.1", echo.port) if len(tried) == 1 else None
+                return refused, socket.AF_INET, "127.0.0.1", dead, 0
+            return (served, socket.AF_INET, "127.0.0.1", echo.port, 0) if len(tried) == 1 else None
 
         def connect_failed(self, token, reason):
             assert token is refused and reason == "connection refused"
