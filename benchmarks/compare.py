@@ -14,6 +14,11 @@ same port in front of them and drives it with ``wrk``:
   direct          no proxy: wrk straight at the first backend (not in the
                   default list).  The ceiling for every proxy on this
                   machine, where wrk, the backends and the proxy share the cores.
+  fastlb-cython@TREE, fastlb-python@TREE
+                  fastlb from another checkout with its extensions built in
+                  place (``git worktree add /tmp/base REV && cd /tmp/base &&
+                  python setup.py build_ext --inplace``): a change measured
+                  against its base in one run (not in the default list).
 
 Scenarios: ``keepalive`` (100-byte responses, 32 keep-alive connections),
 ``close`` (100-byte responses, ``Connection: close``, 32 connections), ``bulk``
@@ -225,17 +230,23 @@ stream {
 """
 
 
-def _env(extra: dict | None = None) -> dict:
+def _env(extra: dict | None = None, tree: Path = ROOT) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH", "")]))
     env.update(extra or {})
     return env
+
+
+def _fastlb_tree(name: str) -> Path:
+    """The checkout a fastlb contender runs from: this one, or TREE in ``fastlb-cython@TREE``."""
+    return Path(name.split("@", 1)[1]) if "@" in name else ROOT
 
 
 def start_contender(name: str, port: int, backends: Backends, workdir: Path, threads: int):
     p1, p2 = backends.ports
     if name.startswith("fastlb"):
-        env = _env({"FASTLB_NO_EXTENSIONS": "1"} if name == "fastlb-python" else {"FASTLB_NO_EXTENSIONS": ""})
+        python = name.split("@", 1)[0] == "fastlb-python"
+        env = _env({"FASTLB_NO_EXTENSIONS": "1" if python else ""}, _fastlb_tree(name))
         return subprocess.Popen(
             [sys.executable, "-m", "fastlb", "-N", str(threads), "--bind", "127.0.0.1",
              "--log-level", "warning", str(port), str(p1), str(p2)], env=env,
@@ -256,9 +267,10 @@ def available(name: str) -> str:
     """'' when the contender can run, else the reason it cannot."""
     if name == "direct":
         return ""
-    if name == "fastlb-cython":
+    if name.split("@", 1)[0] == "fastlb-cython":
         probe = subprocess.run([sys.executable, "-c", "import fastlb._bridge, fastlb._engine"],
-                               env=_env(), capture_output=True)
+                               env=_env(tree=_fastlb_tree(name)), capture_output=True,
+                               cwd=str(_fastlb_tree(name)))
         return "" if probe.returncode == 0 else "compiled bridge not built (pip install -e .)"
     if name.startswith("haproxy") and not shutil.which("haproxy"):
         return "needs the Debian package: haproxy"
