@@ -276,13 +276,14 @@ class Servers:
 
     # -- other protocols -------------------------------------------------------------
 
-    def redis(self) -> Server:
-        """redis-server without persistence, its working files in the tmp dir."""
+    def redis(self, replica_of: int = 0) -> Server:
+        """redis-server without persistence, its working files in the tmp dir; a replica of the port given."""
         redis = require("redis-server", "redis-server")
         port, directory = free_port(), self._dir("redis")
+        replication = ["--replicaof", "127.0.0.1", str(replica_of)] if replica_of else []
         server = self._start(Server, "redis",
                              [redis, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                              "--daemonize", "no", "--dir", directory],
+                              "--daemonize", "no", "--dir", directory] + replication,
                              port, cwd=directory)
         return server.wait_for_log("Ready to accept connections")
 

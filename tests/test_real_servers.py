@@ -223,6 +223,30 @@ def test_redis_benchmark_through_tcp_checks_on_two_redis_servers(procs, servers)
         assert sum(counts.get(command, 0) for counts in calls) == 20000, calls
 
 
+def test_redis_primary_only_check_sends_every_write_to_the_primary(procs, servers):
+    # docs/recipes.md: a replica answers "role:slave" and fails the check, so
+    # no write can meet its "-READONLY" refusal.  QUIT makes redis close after
+    # answering, so the verdict comes at once instead of at the probe timeout.
+    primary = servers.redis()
+    replica = servers.redis(replica_of=primary.port)
+    replica.wait_for_log("MASTER <-> REPLICA sync: Finished with success")
+    lb = procs.fastlb("--check", "tcp", "--check-send", r"INFO replication\r\nQUIT\r\n",
+                      "--check-expect", "role:master", replica.port, primary.port)
+    wait_up(lb, primary)
+    lb.wait_for_log(r"backend 127\.0\.0\.1:%d is down \(was unknown\): expected 'role:master'"
+                    % replica.port)
+    cli = require("redis-cli", "redis-tools")
+    for i in range(10):
+        done = subprocess.run([cli, "-p", str(lb.port), "set", "key%d" % i, "v"],
+                              capture_output=True, text=True, timeout=10)
+        assert done.stdout.strip() == "OK", done.stdout + done.stderr
+    assert redis_calls(primary.port).get("set") == 10
+    # The writes reached the replica only through replication.
+    wait_until(lambda: subprocess.run([cli, "-p", str(replica.port), "get", "key9"], capture_output=True,
+                                      text=True, timeout=10).stdout.strip() == "v", 10,
+               message="the last write to be replicated")
+
+
 def test_pgbench_through_a_tcp_check_has_no_failed_transaction(procs, servers):
     pg = servers.postgres()
     lb = procs.fastlb("--check", "tcp", pg.port)
