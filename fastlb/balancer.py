@@ -377,9 +377,10 @@ class Balancer:
     def reload(self, config) -> None:
         """Apply a re-read configuration without dropping anything in flight.
 
-        Backends, weights, rise/fall, -R and the timeouts take effect at once
-        (timeouts for connections that start after the reload); the listen
-        address, -N, the admin address and the queue size need a restart.
+        Backends, weights, backup, the policy, the check and send-proxy
+        settings, rise/fall, -R and the timeouts take effect at once (timeouts
+        for connections that start after the reload); the listen address, -N,
+        the admin address, the queue size and --accept-proxy need a restart.
         """
         for name in ("port", "bind", "threads", "admin", "max_queue", "max_connections",
                      "access_log", "accept_proxy"):
