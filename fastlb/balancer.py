@@ -232,6 +232,12 @@ class Balancer:
         up = sum(b.state == "up" for b in self.pool.backends)
         log.info("first health round done: %d of %d backend(s) up%s", up, len(self.pool.backends),
                  "; %d still being probed" % pending if pending else "")
+        if not up and any(b.address.check.kind == "load" and b.reason.startswith("status ")
+                          for b in self.pool.backends):
+            # The first thing a new user meets: ordinary servers behind the classic check.
+            log.warning("backends answer %s with an HTTP status but no load report; for ordinary "
+                        "servers use --check http --check-path PATH, or --check tcp "
+                        "(see docs/recipes.md)", self.config.check_path)
         self.health.start()
         for i, engine in enumerate(self.engines):
             worker = threading.Thread(target=engine.run, name="fastlb-worker-%d" % i, daemon=True)

@@ -213,3 +213,11 @@ def test_silent_client_never_costs_a_backend_connection(procs, faults):
     assert backend.accepted == backend.probes
     assert who(lb.port) == b"fault\n"
     assert backend.requests == 1
+
+
+def test_ordinary_servers_behind_the_classic_check_get_a_hint_to_use_another_check(procs, faults):
+    # What a new user meets first: web servers that answer /healthcheck with a 404.
+    plain = faults(probe=STATUS_404)
+    lb = procs.fastlb(plain.port, wait=False)
+    lb.wait_for_log(r"first health round done: 0 of 1")
+    lb.wait_for_log(r"use --check http --check-path PATH, or --check tcp")
