@@ -10,7 +10,9 @@ Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
   are closed by the engine, exactly once, in ``_close`` — when the relay is
   over, when fastlb's own answer has been lingered out, or when a timeout hits.
 - Per connection: WAIT (until the client's first byte; a client that closes or
-  stays silent for ``client_timeout`` never costs a backend), PARKED (the
+  stays silent for ``client_timeout`` never costs a backend; with
+  ``accept_proxy`` its PROXY header is taken first, exactly, and a client
+  whose first bytes are not one is closed as ``bad_proxy_header``), PARKED (the
   router asked to wait for fresher health figures: the probe round triggered
   before this connection was accepted is still running; retried when the
   router calls ``wake`` and at most ``ROUTE_WAIT`` later), CONNECTING (non-
@@ -26,8 +28,11 @@ Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
 - Timeouts are checked every ``TICK`` seconds against one deadline per
   connection (cheap: a float per event, one pass over the connections per tick).
 - The router (``fastlb.balancer.Router``) is the only way back into fastlb:
-  ``choose(tried, ticket)`` returns a route ``(token, family, ip, port)``, None
-  (nothing usable: the client gets the 500) or False (park and ask again);
+  ``choose(tried, ticket, addr, source)`` (``source``: the client's ``(ip,
+  port)`` from an accepted PROXY header, else None) returns a route ``(token,
+  family, ip, port, send_proxy)``, None (nothing usable: the client gets the
+  500) or False (park and ask again); with ``send_proxy`` 1 or 2 a PROXY
+  header of that version goes to the backend before any client byte;
   ``connect_failed(token, reason)``; ``finished(token, addr, bytes_up,
   bytes_down, status, end, duration)``, once per connection.  These are the
   only moments the compiled twin takes the GIL, and it gathers them: it makes

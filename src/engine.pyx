@@ -45,7 +45,8 @@ connection up, on a doubly linked list of live connections (scanned every
 bit saying which side.  A closed ``Conn`` moves to a dead list and is freed only
 after the current batch of events, so a stale event in the same batch finds it
 marked closed instead of freed.  Python objects (addr, ticket, the backend
-token, the list of tried backends) are strong references in the struct,
+token, the list of tried backends, the source from an accepted PROXY header)
+are strong references in the struct,
 released when the connection is reported to ``router.finished`` -- which every
 connection is, once, at the end of the loop iteration that ended it.
 """
