@@ -74,8 +74,11 @@ def parse_status_line(data: bytes) -> int:
 
     A status line starts ``HTTP/1.<digit> <three digits>`` followed by a space,
     CR or LF; the code must be at least 100.  Only the first 13 bytes are
-    examined: the reason phrase is the health parser's business.
+    examined: the reason phrase is the health parser's business.  Like the
+    compiled twin, it takes bytes-like objects only.
     """
+    if isinstance(data, str):
+        raise TypeError("a bytes-like object is required, not 'str'")
     prefix = b"HTTP/1."
     n = len(data)
     for i in range(min(n, 7)):

@@ -388,6 +388,8 @@ class Balancer:
         for connections that start after the reload); the listen address, -N,
         the admin address, the queue size and --accept-proxy need a restart.
         """
+        if config.log_level != self.config.log_level:
+            logging.getLogger().setLevel(config.log_level)
         for name in ("port", "bind", "threads", "admin", "max_queue", "max_connections",
                      "access_log", "accept_proxy"):
             if getattr(config, name) != getattr(self.config, name) and not (

@@ -204,6 +204,7 @@ class BackendPool:
             backend.failures += 1
             backend.good_probes = 0
             self._locked_set_state(backend, DOWN, reason)
+            self._locked_forget_if_drained(backend)
 
     def mark_down(self, backend: Backend, reason: str) -> None:
         with self._lock:
@@ -225,10 +226,14 @@ class BackendPool:
                 backend.responses[status_class(status)] += 1
             backend.durations[bucket] += 1
             backend.duration_sum += duration
-            if backend.removed and backend.active == 0 and backend in self.backends:
-                # A new list, not an in-place removal: other threads may be iterating.
-                self.backends = [b for b in self.backends if b is not backend]
-                log.info("backend %s removed after draining its relays", backend.name)
+            self._locked_forget_if_drained(backend)
+
+    def _locked_forget_if_drained(self, backend: Backend) -> None:
+        """A backend removed by a reload leaves the table with its last connection."""
+        if backend.removed and backend.active == 0 and backend in self.backends:
+            # A new list, not an in-place removal: other threads may be iterating.
+            self.backends = [b for b in self.backends if b is not backend]
+            log.info("backend %s removed after draining its relays", backend.name)
 
     def count_queue_full(self) -> None:
         with self._lock:

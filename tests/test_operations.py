@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, http_get, status_of, wait_until
+from conftest import free_port, http_get, port_accepts, status_of, wait_until
 from faults import OK, STATUS_404, refused_port
 
 
@@ -270,3 +270,17 @@ def test_refused_connect_marks_down_at_once_despite_fall(procs, faults):
     for _ in range(4):
         assert http_get(lb.port, "/").endswith(b"good\n")
     assert state_of(admin, gone.port) == "down"
+
+
+def test_reload_applies_a_new_log_level(procs, faults, tmp_path):
+    backend = faults()
+    port = free_port()
+    config = tmp_path / "fastlb.toml"
+    write_config(config, 'listen = %d\nbackends = ["%d"]\nlog-level = "warning"\n' % (port, backend.port))
+    lb = procs.fastlb("--config", config, port=port, wait=False)
+    wait_until(lambda: port_accepts(port), 10, message="fastlb to accept")
+    assert "first health round done" not in lb.output()
+    write_config(config, 'listen = %d\nbackends = ["%d"]\nlog-level = "info"\n' % (port, backend.port))
+    lb.signal(signal.SIGHUP)
+    # An INFO line: shown only once the reload has applied the new level.
+    lb.wait_for_log(r"reload: 1 backend\(s\), 0 new")

@@ -36,6 +36,11 @@ def outcome(parse, *args):
 
 # -- status line ----------------------------------------------------------------
 
+def test_status_line_of_a_str_is_a_type_error_on_both_twins(bridge_impl):
+    with pytest.raises(TypeError):
+        bridge_impl.parse_status_line("HTTP/1.1 200 OK\r\n")
+
+
 @pytest.mark.parametrize("data, expected", [
     (b"HTTP/1.1 200 OK\r\n", 200),
     (b"HTTP/1.0 404 Not Found\r\n", 404),

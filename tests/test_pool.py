@@ -150,3 +150,48 @@ def test_concurrent_choices_keep_counts_exact():
 def test_backend_repr_names_it():
     backend = Backend(Address("127.0.0.1", 8080, "127.0.0.1"), 0)
     assert "127.0.0.1:8080" in repr(backend)
+
+
+def test_a_removed_backend_whose_last_connection_failed_to_connect_leaves_the_table():
+    pool = make_pool(2)
+    up(pool, (0, 0), (0, 5))
+    first = pool.choose()
+    assert first.index == 0
+    pool.update([pool.backends[1].address], 5, 1, 1)
+    assert first in pool.backends and first.removed
+    pool.connect_failed(first, "connection refused")
+    assert first not in pool.backends
+
+
+def test_entries_never_go_negative_after_a_failed_connect():
+    pool = make_pool(1)
+    up(pool, (0, 0))
+    backend = pool.choose()
+    # A probe replaced the estimate while the connect was under way.
+    assert pool.begin_probe(backend)
+    pool.apply_probe(backend, (0, 0), "ok", 0.001)
+    pool.connect_failed(backend, "connection refused")
+    assert backend.entries == 0
+
+
+def test_backends_without_checks_start_up_and_come_back_an_interval_after_going_down():
+    from fastlb.settings import Check
+    import dataclasses
+    address = dataclasses.replace(Address("127.0.0.1", 8000, "127.0.0.1"), check=Check(kind="none"))
+    pool = BackendPool([address], 5)
+    backend = pool.backends[0]
+    assert backend.state == UP and pool.choose() is backend
+    pool.connect_failed(backend, "connection refused")
+    assert backend.state == DOWN
+    pool.retry_unchecked(60.0)
+    assert backend.state == DOWN
+    pool.retry_unchecked(0.0)
+    assert backend.state == UP
+
+
+def test_without_load_backends_no_accept_triggers_a_round():
+    from fastlb.settings import Check
+    import dataclasses
+    address = dataclasses.replace(Address("127.0.0.1", 8000, "127.0.0.1"), check=Check(kind="http"))
+    pool = BackendPool([address], 1)
+    assert [pool.count_accept()[0] for _ in range(5)] == [False] * 5
