@@ -179,6 +179,8 @@ class Balancer:
                                        0, socket.AI_PASSIVE)
         except socket.gaierror as exc:
             raise ListenError("cannot listen on %s: %s" % (where, exc.strerror)) from None
+        except UnicodeError:
+            raise ListenError("cannot listen on %s: not a valid host name" % where) from None
         family, _, _, _, sockaddr = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:

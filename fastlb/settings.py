@@ -93,12 +93,25 @@ def _integer(text: str, low: int, high: int | None = None) -> int:
     return value
 
 
+# Upper bounds: far beyond any real use, low enough that every later
+# computation (C ints, timestamps, sleeps) stays valid.
+MAX_COUNT = 1_000_000_000
+MAX_THREADS = 1024
+MAX_CONNECTIONS = 10_000_000
+# 2**31 - 1 milliseconds, HAProxy's limit for a timeout: about 24.8 days.
+MAX_SECONDS = 2_147_483.647
+
+
 def at_least_one(text: str) -> int:
-    return _integer(text, 1)
+    return _integer(text, 1, MAX_COUNT)
 
 
-def at_least_zero(text: str) -> int:
-    return _integer(text, 0)
+def thread_count(text: str) -> int:
+    return _integer(text, 1, MAX_THREADS)
+
+
+def connection_count(text: str) -> int:
+    return _integer(text, 0, MAX_CONNECTIONS)
 
 
 def port(text: str) -> int:
@@ -118,6 +131,8 @@ def seconds(text: str) -> float:
         raise SettingError("not a number of seconds: %r" % text) from None
     if not value > 0 or value != value or value == float("inf"):
         raise SettingError("must be a positive number of seconds (got %s)" % text)
+    if value > MAX_SECONDS:
+        raise SettingError("must be at most %g seconds, about 24.8 days (got %s)" % (MAX_SECONDS, text))
     return value
 
 
@@ -278,7 +293,7 @@ def bind_address(text: str) -> str:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("threads", ("-N", "--threads"), at_least_one, 4,
+    Setting("threads", ("-N", "--threads"), thread_count, 4,
             "worker threads relaying client connections", "N"),
     Setting("requests", ("-R", "--requests"), at_least_one, 5,
             "accepted client connections between two count-triggered health-check rounds", "R"),
@@ -301,7 +316,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_queue", ("--max-queue",), at_least_one, 1024,
             "accepted connections handed to a worker and not yet taken up by it; beyond it "
             "new clients get a 503", "N"),
-    Setting("max_connections", ("--max-connections",), at_least_zero, 0,
+    Setting("max_connections", ("--max-connections",), connection_count, 0,
             "client connections open at once; at the limit fastlb stops accepting and new "
             "clients wait in the listen backlog, as with HAProxy's maxconn (0: as many as the "
             "open-file limit allows, two descriptors each)", "N"),
@@ -375,6 +390,9 @@ def resolve(address: Address) -> Address:
         infos = socket.getaddrinfo(address.host, address.port, 0, socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise SettingError("cannot resolve backend host %r: %s" % (address.host, exc.strerror)) from None
+    except UnicodeError:
+        # The IDNA codec refuses a label over 63 characters or an empty one.
+        raise SettingError("cannot resolve backend host %r: not a valid host name" % address.host) from None
     # Prefer IPv4 when a name has both, as most backends listen on it.
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     family, _, _, _, sockaddr = infos[0]
