@@ -1,9 +1,12 @@
 """The access log: one line per client connection, written by its own thread.
 
 Workers hand a record to a bounded queue and go on; the writer thread formats
-and writes.  A worker never waits for the disk: when the queue is full the
-record is dropped and counted, and the count is logged.  ``reopen`` (called on
-SIGHUP) lets log rotation move the file away, as with nginx.
+and writes.  Nobody ever waits for the disk: ``record`` drops and counts a
+record when the queue is full, ``reopen`` (SIGHUP, so log rotation can move the
+file away, as with nginx) and ``close`` only raise a flag and nudge the writer.
+The writer survives every error: a failed write (a full disk) or a failed
+reopen is counted and logged at most every ``ERROR_LOG_EVERY`` seconds, and it
+goes on with the next record (a failed reopen keeps the old file).
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ log = logging.getLogger("fastlb")
 
 # Records waiting for the writer; at ~150 bytes a line this is a few MiB.
 QUEUE_LIMIT = 65536
+# At most one log line about failed writes per this many seconds.
+ERROR_LOG_EVERY = 10.0
+# How long close() lets the writer finish what is queued.
+CLOSE_WAIT = 1.0
 
 
 def format_record(record: tuple) -> str:
@@ -35,9 +42,12 @@ class AccessLog:
     def __init__(self, target: str):
         self.target = target
         self._queue: queue.Queue = queue.Queue(QUEUE_LIMIT)
-        self.dropped = 0
-        self._file = self._open()
+        self.dropped = 0              # records dropped because the writer fell behind
+        self.errors = 0               # failed writes and reopens
+        self._file = self._open()     # raises OSError at start-up: that is the user's to fix
         self._reopen = threading.Event()
+        self._closing = threading.Event()
+        self._error_logged = 0.0
         self._thread = threading.Thread(target=self._write, name="fastlb-access-log", daemon=True)
         self._thread.start()
 
@@ -45,6 +55,8 @@ class AccessLog:
         if self.target == "-":
             return sys.stderr
         return open(self.target, "a", encoding="utf-8", buffering=1 << 16)
+
+    # -- any thread: never blocks --------------------------------------------------
 
     def record(self, client: str, backend: str, bytes_up: int, bytes_down: int, duration: float,
                status: int, end: str) -> None:
@@ -56,32 +68,59 @@ class AccessLog:
 
     def reopen(self) -> None:
         self._reopen.set()
-        self._queue.put(None)
+        self._nudge()
 
     def close(self) -> None:
-        self._queue.put(False)
-        self._thread.join(5)
+        """Stop the writer once it has written what is queued, waiting at most CLOSE_WAIT."""
+        self._closing.set()
+        self._nudge()
+        self._thread.join(CLOSE_WAIT)
+
+    def _nudge(self) -> None:
+        # A full queue wakes the writer anyway: it has records to take.
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+    # -- the writer thread ------------------------------------------------------------
 
     def _write(self) -> None:
         reported = 0
         while True:
             item = self._queue.get()
-            if item is False:
-                break
             if item is not None:
-                self._file.write(format_record(item))
+                self._guarded(self._file.write, format_record(item))
             if self._reopen.is_set():
                 self._reopen.clear()
-                self._file.flush()
-                if self._file is not sys.stderr:
-                    self._file.close()
-                    self._file = self._open()
+                self._guarded(self._swap_file)
             if self._queue.empty():
-                self._file.flush()
+                self._guarded(self._file.flush)
                 if self.dropped != reported:
                     log.warning("access log: %d record(s) dropped, the writer fell behind",
                                 self.dropped - reported)
                     reported = self.dropped
-        self._file.flush()
+                if self._closing.is_set():
+                    break
         if self._file is not sys.stderr:
-            self._file.close()
+            self._guarded(self._file.close)
+
+    def _swap_file(self) -> None:
+        """Reopen the target; on failure the old file stays in use."""
+        self._guarded(self._file.flush)
+        if self._file is sys.stderr:
+            return
+        fresh = self._open()
+        old, self._file = self._file, fresh
+        self._guarded(old.close)
+
+    def _guarded(self, action, *args) -> None:
+        try:
+            action(*args)
+        except Exception as exc:   # a full disk, a vanished directory: count, tell, go on
+            self.errors += 1
+            now = time.monotonic()
+            if now - self._error_logged >= ERROR_LOG_EVERY:
+                self._error_logged = now
+                log.error("access log %s: %s (%d error(s) so far; lines are lost meanwhile)",
+                          self.target, getattr(exc, "strerror", None) or exc, self.errors)

@@ -139,6 +139,11 @@ def render_metrics(stats: dict) -> str:
            [((), stats["no_backend"])])
     family("fastlb_queue_full_total", "counter", "Connections answered 503 because the queue was full.",
            [((), stats["queue_full"])])
+    family("fastlb_access_log_dropped_total", "counter",
+           "Access-log lines dropped because the writer fell behind.", [((), stats["access_log_dropped"])])
+    family("fastlb_access_log_errors_total", "counter",
+           "Access-log writes and reopens that failed (a full disk, say).",
+           [((), stats["access_log_errors"])])
     family("fastlb_bad_proxy_header_total", "counter",
            "Client connections closed for a missing or bad PROXY protocol header (--accept-proxy).",
            [((), stats["bad_proxy_header"])])

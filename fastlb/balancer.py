@@ -376,6 +376,8 @@ class Balancer:
             "threads": self.config.threads, "accepted": self.pool.accepted,
             "no_backend": self.pool.no_backend, "queue_full": self.pool.queue_full,
             "bad_proxy_header": self.pool.bad_proxy_header, "balance": self.pool.policy.name,
+            "access_log_dropped": self.access_log.dropped if self.access_log else 0,
+            "access_log_errors": self.access_log.errors if self.access_log else 0,
             "accept_proxy": self.config.accept_proxy,
             "inflight": self.inflight, "queue_length": sum(e.pending for e in self.engines),
             "max_connections": self.max_connections, "at_capacity": self.at_capacity,
