@@ -25,6 +25,13 @@ log = logging.getLogger("fastlb")
 
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 
+# An admin connection that sends nothing for this long is closed: each one
+# holds a thread and a descriptor.
+ADMIN_TIMEOUT = 10.0
+# Admin connections served at once; more are closed at once.  Scrapers and a
+# few browsers need a handful; an exposed endpoint must not be a thread bomb.
+ADMIN_MAX_CONNECTIONS = 32
+
 
 def human_bytes(count: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -212,9 +219,12 @@ def _number(value) -> str:
 class AdminServer:
     """Serves the admin endpoint from ``stats()`` in background threads."""
 
-    def __init__(self, address: str, stats: Callable[[], dict]):
+    def __init__(self, address: str, stats: Callable[[], dict], timeout: float = ADMIN_TIMEOUT,
+                 max_connections: int = ADMIN_MAX_CONNECTIONS):
         host, _, port = address.rpartition(":")
         self.stats = stats
+        self.refused = 0              # connections closed at once: max_connections were open
+        slots = threading.BoundedSemaphore(max_connections)
         admin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -251,10 +261,30 @@ class AdminServer:
                 if not head:
                     self.wfile.write(data)
 
+        # StreamRequestHandler applies it to every read and write of the connection.
+        Handler.timeout = timeout
+
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def process_request(self, request, client_address):
+                if not slots.acquire(blocking=False):
+                    admin.refused += 1
+                    self.shutdown_request(request)
+                    return
+                try:
+                    super().process_request(request, client_address)
+                except BaseException:
+                    slots.release()
+                    raise
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
 
         self.httpd = Server((host, int(port)), Handler)
         self.port = self.httpd.server_address[1]
