@@ -14,11 +14,13 @@ import html
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Optional
 
+from fastlb.failsafe import InternalErrors
 from fastlb.pool import DURATION_BUCKETS
 
 log = logging.getLogger("fastlb")
@@ -146,6 +148,9 @@ def render_metrics(stats: dict) -> str:
            [((), stats["no_backend"])])
     family("fastlb_queue_full_total", "counter", "Connections answered 503 because the queue was full.",
            [((), stats["queue_full"])])
+    family("fastlb_internal_errors_total", "counter",
+           "Unexpected exceptions caught in fastlb's own threads (each logged, at most every 10 s).",
+           [((), stats["internal_errors"])])
     family("fastlb_access_log_dropped_total", "counter",
            "Access-log lines dropped because the writer fell behind.", [((), stats["access_log_dropped"])])
     family("fastlb_access_log_errors_total", "counter",
@@ -220,10 +225,11 @@ class AdminServer:
     """Serves the admin endpoint from ``stats()`` in background threads."""
 
     def __init__(self, address: str, stats: Callable[[], dict], timeout: float = ADMIN_TIMEOUT,
-                 max_connections: int = ADMIN_MAX_CONNECTIONS):
+                 max_connections: int = ADMIN_MAX_CONNECTIONS, errors: Optional[InternalErrors] = None):
         host, _, port = address.rpartition(":")
         self.stats = stats
         self.refused = 0              # connections closed at once: max_connections were open
+        self.errors = errors or InternalErrors()
         slots = threading.BoundedSemaphore(max_connections)
         admin = self
 
@@ -285,6 +291,12 @@ class AdminServer:
                     super().process_request_thread(request, client_address)
                 finally:
                     slots.release()
+
+            def handle_error(self, request, client_address):
+                # A client that vanished mid-answer is not an error of ours.
+                exc = sys.exc_info()[1]
+                if not isinstance(exc, (ConnectionError, socket.timeout)):
+                    admin.errors.record("the admin endpoint", exc)
 
         self.httpd = Server((host, int(port)), Handler)
         self.port = self.httpd.server_address[1]

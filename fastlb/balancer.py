@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import select
 import socket
@@ -34,6 +35,7 @@ from typing import Optional
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
 from fastlb.admin import AdminServer
+from fastlb.failsafe import InternalErrors
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
 from fastlb.settings import default_balance
@@ -51,6 +53,8 @@ DRAIN_POLL = 0.05
 CAPACITY_LOG_EVERY = 10.0
 # While at --max-connections, how often the accept loop looks again unwoken.
 CAPACITY_RECHECK = 0.05
+# Out of descriptors, or after an unexpected error, the accept loop pauses this long.
+ACCEPT_PAUSE = 0.1
 
 
 def _peer(addr) -> str:
@@ -141,7 +145,10 @@ class Balancer:
         self.config = config
         self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall,
                                 config.balance or default_balance(config.check))
-        self.health = HealthChecker(self.pool, config.probe_timeout, config.interval)
+        # Unexpected exceptions of every thread's loop, counted and logged.
+        self.internal_errors = InternalErrors()
+        self.health = HealthChecker(self.pool, config.probe_timeout, config.interval,
+                                    self.internal_errors)
         self.listener: Optional[socket.socket] = None
         self.port = config.port
         self._stopping = threading.Event()
@@ -165,6 +172,7 @@ class Balancer:
         # (--max-connections open); Router.finished then wakes it.
         self.at_capacity = False
         self._capacity_logged = 0.0
+        self._accept_error_logged = float("-inf")
         self.started = time.time()
         self.access_log: Optional[AccessLog] = None
         self.admin: Optional[AdminServer] = None
@@ -199,7 +207,7 @@ class Balancer:
         self.port = sock.getsockname()[1]
         if self.config.admin:
             try:
-                self.admin = AdminServer(self.config.admin, self.stats)
+                self.admin = AdminServer(self.config.admin, self.stats, errors=self.internal_errors)
             except OSError as exc:
                 sock.close()
                 self.listener = None
@@ -283,36 +291,53 @@ class Balancer:
         # per batch: a per-connection Python accept would contend for it with
         # every engine.
         while not self._stopping.is_set():
-            room = self._room()
-            if not room:
-                continue
             try:
-                batch = bridge.accept_batch(self.listener, self._waker, room)
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: back off instead of spinning.
-                    log.error("accept failed: %s", exc.strerror)
-                    time.sleep(0.1)
-                continue
-            if batch:
-                self._dispatch(batch)
-            elif not self._stopping.is_set():
-                # Woken, by a signal whose handler has run by now (SIGHUP).
-                self._waker.drain()
+                room = self._room()
+                if not room:
+                    continue
+                try:
+                    batch = bridge.accept_batch(self.listener, self._waker, room)
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._accept_failed(exc)
+                    continue
+                if batch:
+                    self._dispatch(batch)
+                elif not self._stopping.is_set():
+                    # Woken, by a signal whose handler has run by now (SIGHUP).
+                    self._waker.drain()
+            except Exception as exc:
+                self.internal_errors.record("the accept loop", exc)
+                time.sleep(ACCEPT_PAUSE)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors (or kernel memory): pause instead of spinning, as HAProxy does."""
+        now = time.monotonic()
+        if now - self._accept_error_logged >= CAPACITY_LOG_EVERY:
+            self._accept_error_logged = now
+            log.error("accept failed: %s; pausing accepts for %gs at a time until descriptors "
+                      "free up (raise the open-file limit or lower --max-connections)",
+                      exc.strerror, ACCEPT_PAUSE)
+        time.sleep(ACCEPT_PAUSE)
 
     def _dispatch(self, batch: list) -> None:
         """Count each accepted client and hand it to the least busy engine (or refuse it)."""
         for client, addr in batch:
-            trigger, ticket = self.pool.count_accept()
-            if trigger:
-                self.health.trigger()
-            engine = min(self.engines, key=_load)
-            if engine.pending >= self.config.max_queue:
-                self._refuse(client, addr)
-                continue
-            # The engine hands the Client back to the router: with the round
-            # this connection asked for, if it was the R-th.
-            engine.add(client, Client(addr, ticket + 1 if trigger else 0), ticket)
+            try:
+                trigger, ticket = self.pool.count_accept()
+                if trigger:
+                    self.health.trigger()
+                engine = min(self.engines, key=_load)
+                if engine.pending >= self.config.max_queue:
+                    self._refuse(client, addr)
+                    continue
+                # The engine hands the Client back to the router: with the round
+                # this connection asked for, if it was the R-th.
+                engine.add(client, Client(addr, ticket + 1 if trigger else 0), ticket)
+            except Exception as exc:
+                # The client was not handed over: it is still ours to close.
+                _close_client(client)
+                self.internal_errors.record("handing a client to a worker", exc)
 
     def _room(self) -> int:
         """How many clients may be accepted now; with none, wait (at most a moment) for one to close.
@@ -376,6 +401,7 @@ class Balancer:
             "threads": self.config.threads, "accepted": self.pool.accepted,
             "no_backend": self.pool.no_backend, "queue_full": self.pool.queue_full,
             "bad_proxy_header": self.pool.bad_proxy_header, "balance": self.pool.policy.name,
+            "internal_errors": self.internal_errors.count,
             "access_log_dropped": self.access_log.dropped if self.access_log else 0,
             "access_log_errors": self.access_log.errors if self.access_log else 0,
             "accept_proxy": self.config.accept_proxy,
@@ -440,3 +466,13 @@ class Balancer:
 
 def _load(engine) -> int:
     return engine.active
+
+
+def _close_client(client) -> None:
+    try:
+        if isinstance(client, socket.socket):
+            client.close()
+        else:
+            os.close(client)
+    except OSError:
+        pass

@@ -170,6 +170,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     reload_lock = threading.Lock()
 
     def reload() -> None:
+        try:
+            apply_reload()
+        except Exception as exc:   # the running configuration stays; the thread ends cleanly
+            balancer.internal_errors.record("a reload", exc)
+
+    def apply_reload() -> None:
         with reload_lock:
             if not args.config:
                 log.warning("SIGHUP: no --config file to re-read; reopening the access log only")

@@ -28,6 +28,7 @@ import time
 from typing import Optional
 
 from fastlb.checks import Probe, probe, probe_many
+from fastlb.failsafe import InternalErrors
 from fastlb.pool import BackendPool
 from fastlb.waker import Waker
 
@@ -37,13 +38,17 @@ log = logging.getLogger("fastlb")
 
 # How long the start-up round still waits for the other backends once one is up.
 STARTUP_GRACE = 0.5
+# After an unexpected error, the health thread pauses this long before going on.
+ERROR_PAUSE = 0.1
 
 
 class HealthChecker:
     """Runs probe rounds over a pool (see the module comment)."""
 
-    def __init__(self, pool: BackendPool, probe_timeout: float, interval: float):
+    def __init__(self, pool: BackendPool, probe_timeout: float, interval: float,
+                 errors: Optional[InternalErrors] = None):
         self.pool = pool
+        self.errors = errors or InternalErrors()
         self.probe_timeout = probe_timeout
         self.interval = interval
         self._selector = selectors.DefaultSelector()
@@ -79,21 +84,41 @@ class HealthChecker:
         Once the last probe started here is applied the pool is told, so the
         connections waiting for fresh figures are routed (``BackendPool.round_applied``).
         """
-        entry = [self.pool.begin_round(), 0]     # [pool's round entry, probes still running]
+        # [pool's round entry, probes still running].  The start itself counts
+        # as one running probe until every probe has started: a probe that
+        # ends inside its constructor (a refused connect) must not finish the
+        # round while others are still to start (SPEC §2: the round triggered
+        # by a connection is over, with probes started after it, before the
+        # next client is routed).
+        entry = [self.pool.begin_round(), 1]
         for backend in self.pool.backends:
             kind = backend.address.check.kind
             if kind == "none" or load_only and kind != "load":
                 continue
-            if self.pool.begin_probe(backend):
-                entry[1] += 1
+            if not self.pool.begin_probe(backend):
+                continue
+            try:
                 one = Probe(backend.address, self.probe_timeout, backend, entry)
-                if one.done:
-                    self._apply(one)
-                else:
-                    self._probes.add(one)
-                    self._selector.register(one.sock, one.events, one)
-        if entry[1] == 0:
-            self.pool.finish_round(entry[0])
+            except Exception as exc:
+                # A local failure (out of descriptors): not the backend's
+                # fault, so no verdict; it is probed again next round.
+                self.pool.end_probe(backend)
+                self.errors.record("starting a probe of %s" % backend.name, exc)
+                continue
+            entry[1] += 1
+            if one.done:
+                self._apply(one)
+                continue
+            try:
+                self._selector.register(one.sock, one.events, one)
+            except Exception as exc:
+                one.close()
+                self.pool.end_probe(backend)
+                self._probe_ended(entry)
+                self.errors.record("starting a probe of %s" % backend.name, exc)
+                continue
+            self._probes.add(one)
+        self._probe_ended(entry)
 
     def first_round(self) -> int:
         """Probe every backend; return once all have answered, or ``STARTUP_GRACE`` after one is up.
@@ -115,16 +140,21 @@ class HealthChecker:
     def run(self) -> None:
         next_timed = time.monotonic() + self.interval
         while not self._stopped:
-            self._step(next_timed)
-            if self._stopped:
-                break
-            if self._triggered:
-                self._triggered = False
-                self.start_round(load_only=True)
-            if time.monotonic() >= next_timed:
-                self.start_round()
-                self.pool.retry_unchecked(self.interval)
-                next_timed = time.monotonic() + self.interval
+            try:
+                self._step(next_timed)
+                if self._stopped:
+                    break
+                if self._triggered:
+                    self._triggered = False
+                    self.start_round(load_only=True)
+                if time.monotonic() >= next_timed:
+                    next_timed = time.monotonic() + self.interval
+                    self.start_round()
+                    self.pool.retry_unchecked(self.interval)
+            except Exception as exc:
+                self.errors.record("the health checker", exc)
+                # Whatever failed may fail again at once: not a busy loop.
+                time.sleep(ERROR_PAUSE)
         for one in list(self._probes):
             self._selector.unregister(one.sock)
             one.close()
@@ -155,7 +185,9 @@ class HealthChecker:
             self._selector.unregister(one.sock)
         one.close()
         self.pool.apply_probe(one.backend, one.result, one.reason, one.latency)
-        entry = one.entry
+        self._probe_ended(one.entry)
+
+    def _probe_ended(self, entry: list) -> None:
         entry[1] -= 1
         if entry[1] == 0:
             self.pool.finish_round(entry[0])

@@ -273,6 +273,11 @@ class BackendPool:
             backend.probe_started_routed = backend.routed
             return True
 
+    def end_probe(self, backend: Backend) -> None:
+        """The probe claimed by ``begin_probe`` could not run (a local failure): no verdict."""
+        with self._lock:
+            backend.probing = False
+
     def apply_probe(self, backend: Backend, result: Optional[tuple], reason: str,
                     latency: Optional[float]) -> None:
         """Apply one probe's outcome: ``(errors, entries)`` or ``()`` when healthy, else None and a reason."""

@@ -155,9 +155,11 @@ def procs(request, tmp_path):
             proc.port = int(match.group(1))
             return proc
 
-        def fastlb(self, *args, port: int | None = None, env=None, wait: bool = True) -> Proc:
+        def fastlb(self, *args, port: int | None = None, env=None, wait: bool = True,
+                   prefix: tuple = ()) -> Proc:
+            """fastlb on ``port`` (a free one by default); ``prefix`` runs it through a command (prlimit ...)."""
             port = port or free_port()
-            argv = [sys.executable, "-m", "fastlb", "--bind", "127.0.0.1", str(port)] + [str(a) for a in args]
+            argv = [*prefix, sys.executable, "-m", "fastlb", "--bind", "127.0.0.1", str(port)] + [str(a) for a in args]
             proc = Proc(argv, tmp_path, "fastlb", env=dict(twin_env, **(env or {})))
             proc.port = port
             started.append(proc)

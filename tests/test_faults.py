@@ -221,3 +221,24 @@ def test_ordinary_servers_behind_the_classic_check_get_a_hint_to_use_another_che
     lb = procs.fastlb(plain.port, wait=False)
     lb.wait_for_log(r"first health round done: 0 of 1")
     lb.wait_for_log(r"use --check http --check-path PATH, or --check tcp")
+
+
+def test_health_checks_go_on_after_descriptors_ran_out(procs, faults):
+    # Issue 11 item 2: an EMFILE while creating a probe socket used to kill the
+    # health thread, and no backend was ever probed again.  Idle clients fill
+    # a small descriptor limit; a probe round meets EMFILE; the clients leave;
+    # probes must still notice a backend that dies afterwards.
+    backend = faults()
+    lb = procs.fastlb("--max-connections", 200, "--interval", 0.2, backend.port,
+                      prefix=("prlimit", "--nofile=64:64"))
+    idle = []
+    try:
+        for _ in range(80):
+            idle.append(socket.create_connection(("127.0.0.1", lb.port), timeout=5))
+        lb.wait_for_log(r"accept failed: Too many open files")
+        lb.wait_for_log(r"internal error in starting a probe of 127\.0\.0\.1:%d" % backend.port)
+    finally:
+        for sock in idle:
+            sock.close()
+    backend.stop()
+    lb.wait_for_log(down_line(backend.port, "connection refused"))

@@ -167,3 +167,28 @@ def test_probes_leave_no_descriptor_behind(server_factory):
         server.shutdown()
     wait_until(lambda: len(os.listdir("/proc/self/fd")) <= before, 5,
                message="every probe and test-server descriptor closed")
+
+
+def test_a_round_is_not_over_while_a_probe_started_in_it_still_runs(faults):
+    # SPEC §2 [compat]: the round triggered by one connection is over, with
+    # probes started after the trigger, before the next client is routed.  A
+    # refused probe ends inside its constructor; it must not end the round
+    # while the probes after it have not even started.
+    from faults import DELAY, refused_port
+    from fastlb.health import HealthChecker
+    from fastlb.pool import BackendPool
+
+    slow = faults(probe=DELAY, delay=0.5)
+    pool = BackendPool([Address("127.0.0.1", refused_port(), "127.0.0.1"),
+                        Address("127.0.0.1", slow.port, "127.0.0.1")], requests_per_round=1)
+    checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
+    trigger, _ = pool.count_accept()
+    assert trigger
+    pool.trigger_closed(1)              # the triggering client has gone: the next one waits
+    checker.start_round(load_only=True)
+    assert not pool.round_applied(1)    # the slow backend's probe is still running
+    deadline = time.monotonic() + 5
+    while not pool.round_applied(1) and time.monotonic() < deadline:
+        checker._step(deadline)
+    assert pool.round_applied(1)
+    assert [b.state for b in pool.backends] == ["down", "up"]
