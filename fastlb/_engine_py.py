@@ -123,7 +123,7 @@ class _Conn:
         "client", "server", "addr", "ticket", "state", "token", "tried", "accepted", "deadline",
         "up", "down", "up_eof", "down_eof", "up_shut", "down_shut", "bytes_up", "bytes_down",
         "status", "head", "last_up", "client_mask", "server_mask", "lingered", "answered",
-        "reported", "header", "proxied", "preamble",
+        "reported", "header", "proxied", "preamble", "failed",
     )
 
     def __init__(self, client: socket.socket, addr, ticket, now: float, client_timeout: float):
@@ -150,6 +150,7 @@ class _Conn:
         self.header: Optional[bytearray] = None
         self.proxied: Optional[tuple] = None
         self.preamble = b""               # a PROXY header for the backend, sent before all else
+        self.failed = None                # the end of a side that failed while the other was owed bytes
 
 
 class Engine:
@@ -535,7 +536,7 @@ class Engine:
         if up_done and down_done:
             # Both sides ended and everything was read: closing sends the FIN
             # a shutdown would have (no unread data, so no reset).
-            self._finish(conn, "done")
+            self._finish(conn, conn.failed or "done")
             return
         if up_done and not conn.up_shut:
             conn.up_shut = True
@@ -574,7 +575,31 @@ class Engine:
             self._report(conn, end, 500)
             self._answer(conn, RESPONSE_500, 0)
             return
+        if end in ("server_error", "client_error") and conn.failed is None \
+                and self._deliver_what_is_owed(conn, end):
+            return
         self._close(conn, end)
+
+    def _deliver_what_is_owed(self, conn: _Conn, end: str) -> bool:
+        """One side failed (a reset, say): write what was read from it to the other side before closing.
+
+        The failed side's direction is dropped and it is no longer read; the
+        surviving direction drains as usual, and ``_update`` ends the relay
+        with ``end`` once it is empty.  False when nothing is owed.
+        """
+        server_failed = end == "server_error"
+        owed = conn.down if server_failed else conn.up
+        if not owed:
+            return False
+        conn.failed = end
+        if server_failed:
+            conn.up.clear()
+            conn.up_eof = conn.up_shut = conn.down_eof = True
+        else:
+            conn.down.clear()
+            conn.down_eof = conn.down_shut = conn.up_eof = True
+        self._update(conn)
+        return True
 
     def _answer(self, conn: _Conn, response: bytes, status: int) -> None:
         """Send fastlb's own answer, half-close, and linger before closing."""

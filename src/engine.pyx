@@ -230,6 +230,7 @@ cdef struct Conn:
     Py_ssize_t header_len
     ProxyAddresses proxied
     int send_proxy          # PROXY version owed to the current backend before any client byte
+    End failed              # a side that failed while the other was owed bytes (END_NONE: none)
     End report_end
     int report_status
     double report_duration
@@ -1325,7 +1326,7 @@ cdef class Engine:
         if up_done and down_done:
             # Both sides ended and everything was read: closing sends the FIN
             # a shutdown would have (no unread data, so no reset).
-            self._finish(c, END_DONE)
+            self._finish(c, c.failed if c.failed != END_NONE else END_DONE)
             return
         if up_done and not c.up.shut:
             c.up.shut = True
@@ -1391,7 +1392,30 @@ cdef class Engine:
             self._queue_report(c, end, 500)
             self._answer(c, 0)
             return
+        if ((end == END_SERVER_ERROR or end == END_CLIENT_ERROR) and c.failed == END_NONE
+                and self._deliver_what_is_owed(c, end)):
+            return
         self._close(c, end)
+
+    cdef bint _deliver_what_is_owed(self, Conn* c, End end) noexcept nogil:
+        """One side failed (a reset, say): write what was read from it to the other side before closing.
+
+        As in the Python twin: the failed side's direction is dropped and no
+        longer read; the surviving one drains, and _update ends the relay with
+        ``end`` once it is empty.  False when nothing is owed.
+        """
+        cdef bint server_failed = end == END_SERVER_ERROR
+        cdef Direction* owed = &c.down if server_failed else &c.up
+        cdef Direction* dropped = &c.up if server_failed else &c.down
+        if _held(owed) == 0:
+            return False
+        c.failed = end
+        _release_direction(dropped)
+        dropped.eof = True
+        dropped.shut = True
+        owed.eof = True
+        self._update(c)
+        return True
 
     cdef void _answer(self, Conn* c, int status) noexcept nogil:
         """Send fastlb's own answer, half-close, and linger before closing.

@@ -818,3 +818,67 @@ def test_traffic_in_one_direction_keeps_a_relay_alive_past_idle_timeout(harness,
         assert recv_all(client, 5) == b""
     wait_until(lambda: h.router.done, 5, message="the connection to be reported")
     assert h.router.done[0][4] == "done"
+
+
+class SendThenReset:
+    """A backend that answers every connection with ``size`` bytes, waits until they are
+    acknowledged (all in fastlb's hands), then resets the connection."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.acknowledged = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        import fcntl
+        import termios
+
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        conn.settimeout(10)
+        conn.recv(65536)
+        conn.sendall(b"x" * self.size)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            unacknowledged = struct.unpack("i", fcntl.ioctl(conn, termios.TIOCOUTQ, b"\0" * 4))[0]
+            if unacknowledged == 0:
+                self.acknowledged.set()
+                break
+            time.sleep(0.01)
+        _reset(conn)
+        conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_bytes_read_from_a_backend_that_then_resets_all_reach_the_client(harness):
+    # Issue 11 item 3: fastlb held part of the answer in its buffers when the
+    # reset came, and dropped it; the client saw a clean close and a short body.
+    # More than the client's socket buffers and fastlb's socket toward it take,
+    # less than fastlb reads before it stops reading (buffers, back-pressure).
+    size = 3_000_000
+    backend = SendThenReset(size)
+    try:
+        router = Router(backend.port)
+        h = harness(router)
+        with socket.socket() as client:
+            # A small window: most of the answer waits in fastlb, not in the client's kernel.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.settimeout(10)
+            client.connect(("127.0.0.1", h.port))
+            client.sendall(b"GET /big HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert backend.acknowledged.wait(10), "the backend's bytes never all reached fastlb"
+            time.sleep(0.2)   # the reset reaches fastlb while the client has read nothing
+            received = recv_all(client, 10)
+        assert len(received) == size
+        wait_until(lambda: router.done, 5, message="the connection to be reported")
+        assert router.done[0][4] == "server_error" and router.done[0][2] == size
+    finally:
+        backend.close()
