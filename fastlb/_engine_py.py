@@ -55,6 +55,7 @@ from typing import Optional
 
 from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, build_proxy_header,
                                parse_proxy_header, parse_status_line)
+from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.waker import Waker
 
 # One recv per readable event.  64 KiB matches the loopback socket buffer
@@ -358,8 +359,7 @@ class Engine:
     def _connect_next(self, conn: _Conn) -> None:
         """Connect to the best backend not tried yet, or answer 500 when none is left."""
         while True:
-            choice = self.router.choose(conn.tried, conn.ticket, conn.addr,
-                                        conn.proxied[0] if conn.proxied else None)
+            choice = self._choose(conn)
             if choice is False:
                 if conn.state is not PARKED:
                     conn.state = PARKED
@@ -406,8 +406,29 @@ class Engine:
                 self._on_connected(conn, checked=True)
                 return
             server.close()
-            self.router.connect_failed(token, _connect_reason(code))
+            self._tell_connect_failed(token, _connect_reason(code))
             conn.token = None
+
+    # -- the router: its exceptions cost one connection, never the loop ----------------
+
+    def _choose(self, conn: _Conn):
+        """``router.choose`` for conn: a route, None (answer 500) or False (park)."""
+        try:
+            choice = self.router.choose(conn.tried, conn.ticket, conn.addr,
+                                        conn.proxied[0] if conn.proxied else None)
+            if choice is None or choice is False:
+                return choice
+            token, family, ip, port, send_proxy = choice   # a malformed route fails here
+            return token, family, ip, port, send_proxy
+        except Exception as exc:
+            INTERNAL_ERRORS.record("the router's choose", exc)
+            return None
+
+    def _tell_connect_failed(self, token, reason: str) -> None:
+        try:
+            self.router.connect_failed(token, reason)
+        except Exception as exc:
+            INTERNAL_ERRORS.record("the router's connect_failed", exc)
 
     def _on_connected(self, conn: _Conn, checked: bool = False) -> None:
         if not checked:
@@ -454,7 +475,7 @@ class Engine:
         conn.server.close()
         conn.server = None
         conn.server_mask = 0
-        self.router.connect_failed(conn.token, reason)
+        self._tell_connect_failed(conn.token, reason)
         conn.token = None
         self._connect_next(conn)
 
@@ -636,8 +657,11 @@ class Engine:
         if conn.reported:
             return
         conn.reported = True
-        self.router.finished(conn.token, conn.addr, conn.bytes_up, conn.bytes_down, status, end,
-                             time.monotonic() - conn.accepted)
+        try:
+            self.router.finished(conn.token, conn.addr, conn.bytes_up, conn.bytes_down, status, end,
+                                 time.monotonic() - conn.accepted)
+        except Exception as exc:
+            INTERNAL_ERRORS.record("the router's finished", exc)
         conn.token = None
         conn.tried = []
 

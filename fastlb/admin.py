@@ -20,7 +20,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 
-from fastlb.failsafe import InternalErrors
+from fastlb.failsafe import INTERNAL_ERRORS, InternalErrors
 from fastlb.pool import DURATION_BUCKETS
 
 log = logging.getLogger("fastlb")
@@ -229,7 +229,7 @@ class AdminServer:
         host, _, port = address.rpartition(":")
         self.stats = stats
         self.refused = 0              # connections closed at once: max_connections were open
-        self.errors = errors or InternalErrors()
+        self.errors = errors or INTERNAL_ERRORS
         slots = threading.BoundedSemaphore(max_connections)
         admin = self
 

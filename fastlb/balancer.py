@@ -35,7 +35,7 @@ from typing import Optional
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
 from fastlb.admin import AdminServer
-from fastlb.failsafe import InternalErrors
+from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
 from fastlb.settings import default_balance
@@ -146,7 +146,7 @@ class Balancer:
         self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall,
                                 config.balance or default_balance(config.check))
         # Unexpected exceptions of every thread's loop, counted and logged.
-        self.internal_errors = InternalErrors()
+        self.internal_errors = INTERNAL_ERRORS
         self.health = HealthChecker(self.pool, config.probe_timeout, config.interval,
                                     self.internal_errors)
         self.listener: Optional[socket.socket] = None
@@ -160,14 +160,8 @@ class Balancer:
         self.fd_limit = raise_fd_limit()
         self.max_connections = config.max_connections or max(1, (self.fd_limit - RESERVED_FDS) // 2)
         self.router = Router(self)
-        self.engines = [
-            bridge.Engine(self.router, config.server_timeout, config.idle_timeout,
-                          config.client_timeout, config.connect_timeout,
-                          accept_proxy=config.accept_proxy)
-            for _ in range(config.threads)
-        ]
-        for engine in self.engines:
-            self.pool.round_listeners.append(engine.wake)
+        # Read by other threads (accept loop, admin); replaced, never changed in place.
+        self.engines: list = [self._new_engine() for _ in range(config.threads)]
         # True while the accept loop waits for a connection to close
         # (--max-connections open); Router.finished then wakes it.
         self.at_capacity = False
@@ -250,9 +244,7 @@ class Balancer:
                         "(see docs/recipes.md)", self.config.check_path)
         self.health.start()
         for i, engine in enumerate(self.engines):
-            worker = threading.Thread(target=engine.run, name="fastlb-worker-%d" % i, daemon=True)
-            worker.start()
-            self._workers.append(worker)
+            self._start_worker(engine, "fastlb-worker-%d" % i)
         try:
             self._accept_loop()
         finally:
@@ -265,6 +257,40 @@ class Balancer:
                 self.admin.stop()
             if self.access_log:
                 self.access_log.close()
+
+    # -- workers -------------------------------------------------------------------
+
+    def _new_engine(self):
+        config = self.config
+        engine = bridge.Engine(self.router, config.server_timeout, config.idle_timeout,
+                               config.client_timeout, config.connect_timeout,
+                               accept_proxy=config.accept_proxy)
+        self.pool.round_listeners.append(engine.wake)
+        return engine
+
+    def _start_worker(self, engine, name: str) -> None:
+        worker = threading.Thread(target=self._work, args=(engine, name), name=name, daemon=True)
+        self._workers.append(worker)
+        worker.start()
+
+    def _work(self, engine, name: str) -> None:
+        """Run one engine; if its loop dies, a fresh engine takes its place in the hand-off.
+
+        The engine's own connections were finished and reported as its run
+        ended; without a replacement it would report no connections and so
+        look the least busy, and every new client would be handed to a loop
+        that is gone.
+        """
+        try:
+            engine.run()
+        except Exception as exc:
+            self.internal_errors.record("relay engine %s, which is replaced" % name, exc)
+            if self._stopping.is_set():
+                return
+            fresh = self._new_engine()
+            self.engines = [fresh if e is engine else e for e in self.engines]
+            self.pool.round_listeners = [w for w in self.pool.round_listeners if w != engine.wake]
+            self._start_worker(fresh, name)
 
     def stop(self) -> None:
         """Stop accepting and drain; safe to call from a signal handler or another thread."""
@@ -459,7 +485,7 @@ class Balancer:
                 log.warning("drain timeout: closing %d connection(s)", self.inflight)
                 return
             time.sleep(DRAIN_POLL)
-        for worker in self._workers:
+        for worker in list(self._workers):
             worker.join(1.0)
         log.info("all connections finished")
 

@@ -1,9 +1,11 @@
 """What a thread does with an exception its loop did not expect: count it, tell once in a while, go on.
 
-Every long-lived thread (accept loop, health checker, admin endpoint, reload)
-catches an unexpected exception around one iteration of its loop and hands it
-here, so one bad moment (a descriptor limit, a bug hit by one odd connection)
-costs that iteration, never the thread.  The count is ``fastlb_internal_errors_total``.
+Every long-lived thread (accept loop, health checker, admin endpoint, reload,
+and the relay engines around each call into the router) catches an unexpected
+exception around one iteration of its loop and hands it to ``INTERNAL_ERRORS``,
+so one bad moment (a descriptor limit, a bug hit by one odd connection) costs
+that iteration, never the thread.  The count, for the whole process, is
+``fastlb_internal_errors_total``.
 """
 
 from __future__ import annotations
@@ -37,3 +39,7 @@ class InternalErrors:
             count = self.count
         log.error("internal error in %s (%d so far; it goes on): %s", where, count,
                   exc, exc_info=(type(exc), exc, exc.__traceback__))
+
+
+# The process's one counter: every thread records into it.
+INTERNAL_ERRORS = InternalErrors()

@@ -28,7 +28,7 @@ import time
 from typing import Optional
 
 from fastlb.checks import Probe, probe, probe_many
-from fastlb.failsafe import InternalErrors
+from fastlb.failsafe import INTERNAL_ERRORS, InternalErrors
 from fastlb.pool import BackendPool
 from fastlb.waker import Waker
 
@@ -48,7 +48,7 @@ class HealthChecker:
     def __init__(self, pool: BackendPool, probe_timeout: float, interval: float,
                  errors: Optional[InternalErrors] = None):
         self.pool = pool
-        self.errors = errors or InternalErrors()
+        self.errors = errors or INTERNAL_ERRORS
         self.probe_timeout = probe_timeout
         self.interval = interval
         self._selector = selectors.DefaultSelector()

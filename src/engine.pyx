@@ -54,6 +54,8 @@ connection is, once, at the end of the loop iteration that ended it.
 import errno as _errno
 import socket as _socket
 
+from fastlb.failsafe import INTERNAL_ERRORS
+
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
 from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL,
                          EISCONN, ENOSYS, ETIMEDOUT, errno)
@@ -771,7 +773,10 @@ cdef class Engine:
             if c == NULL:
                 _close_fd(fd)
                 self.n_closed += 1
-                self.router.finished(None, addr, 0, 0, 0, "client_error", 0.0)
+                try:
+                    self.router.finished(None, addr, 0, 0, 0, "client_error", 0.0)
+                except Exception as exc:
+                    INTERNAL_ERRORS.record("the router's finished", exc)
                 continue
             c.client = fd
             c.server = -1
@@ -1015,7 +1020,18 @@ cdef class Engine:
         return self._on_connected(c, EPOLLOUT)
 
     cdef Route _route(self, Conn* c, int failed, bint drop_ticket) except *:
-        """With the GIL: report a failed connect, then ask the router; fill c.peer on ROUTE_OK."""
+        """With the GIL: report a failed connect, then ask the router; fill c.peer on ROUTE_OK.
+
+        A router that raises costs this connection its route (it gets the
+        500), never the loop.
+        """
+        try:
+            return self._ask_router(c, failed, drop_ticket)
+        except Exception as exc:
+            INTERNAL_ERRORS.record("the router's choose", exc)
+            return ROUTE_NONE
+
+    cdef Route _ask_router(self, Conn* c, int failed, bint drop_ticket) except *:
         reason = None
         if failed == FAILED_TIMEOUT:
             reason = "connect timeout (%gs)" % self.connect_timeout
@@ -1056,6 +1072,8 @@ cdef class Engine:
         c.token = NULL
         try:
             self.router.connect_failed(_obj(token), reason)
+        except Exception as exc:
+            INTERNAL_ERRORS.record("the router's connect_failed", exc)
         finally:
             Py_XDECREF(token)
         return 0
@@ -1495,7 +1513,9 @@ cdef class Engine:
             try:
                 self.router.finished(_obj(c.token), _obj(c.addr), c.up.nbytes, c.down.nbytes,
                                      c.report_status, _END_NAMES[c.report_end], c.report_duration)
-            except BaseException as exc:
+            except Exception as exc:
+                INTERNAL_ERRORS.record("the router's finished", exc)
+            except BaseException as exc:   # KeyboardInterrupt and the like end the loop
                 if error is None:
                     error = exc
             _clear(&c.token)
