@@ -304,6 +304,10 @@ BACKEND = '{address = "127.0.0.1:8001", %s}'
                           "check kind must be load, http, tcp or none (got 'htp')"),
         ('check = "tcp", check_send = \'PING\\q\'',
          "fastlb.toml:3: key 'backends': backend 127.0.0.1:8001: check_send: unknown escape"),
+        ('check = "http", check_send = "PING"', "fastlb.toml:3: key 'backends': backend 127.0.0.1:8001: "
+                                                "--check-send needs --check tcp (the check is http)"),
+        ('check_expect = "PONG"', "fastlb.toml:3: key 'backends': backend 127.0.0.1:8001: "
+                                  "--check-expect needs --check tcp or http (the check is load)"),
         ('backup = "yes"', "fastlb.toml:3: key 'backends': backup must be true or false (got 'yes')"),
         ('send_proxy = "v3"', "fastlb.toml:3: key 'backends': backend 127.0.0.1:8001: send_proxy: "
                               "PROXY protocol version must be v1 or v2 (got 'v3')"),
