@@ -275,6 +275,43 @@ def test_v2_header_arriving_in_pieces_is_still_taken_whole(harness, recorder):
     assert h.router.sources() == [("10.1.2.3", 5555)]
 
 
+def v2_with_tlvs(size: int) -> bytes:
+    """A v2 INET header followed by TLVs (authority, then no-op padding): ``size`` bytes in all."""
+    block = (socket.inet_aton("10.1.2.3") + socket.inet_aton("10.9.8.7") + struct.pack("!HH", 5555, 443)
+             + b"\x02" + struct.pack("!H", 11) + b"example.com")
+    padding = size - 16 - len(block) - 3
+    block += b"\x04" + struct.pack("!H", padding) + b"\x00" * padding
+    return V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(block)) + block
+
+
+@pytest.mark.parametrize("size", [200, 3000, 16384], ids=["small", "3000", "largest"])
+def test_v2_header_with_tlvs_is_taken_off_whole_however_long(harness, recorder, size):
+    # HAProxy sends TLVs (authority, unique id, TLS details) after the addresses.
+    backend = recorder()
+    h = harness(Router(backend.port), accept_proxy=True)
+    header = v2_with_tlvs(size)
+    assert len(header) == size
+    with h.connect() as client:
+        client.sendall(header[:size // 2])
+        time.sleep(0.05)
+        client.sendall(header[size // 2:] + PAYLOAD)
+        client.shutdown(socket.SHUT_WR)
+        assert recv_all(client, 10) == b"thanks\n"
+    assert backend.only_connection() == PAYLOAD
+    assert h.router.sources() == [("10.1.2.3", 5555)]
+
+
+def test_v2_header_longer_than_the_limit_is_a_bad_header(harness, recorder):
+    backend = recorder()
+    h = harness(Router(backend.port), accept_proxy=True)
+    header = v2_with_tlvs(16385)
+    with h.connect() as client:
+        client.sendall(header[:16])
+        assert closed_without_answer(client)
+    assert h.router.wait_finished() == (None, 0, 0, 0, "bad_proxy_header")
+    assert backend.accepted == 0
+
+
 @pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n",
                                     V2_LOCAL], ids=["v1-unknown", "v1-unknown-with-addresses",
                                                     "v2-local"])
