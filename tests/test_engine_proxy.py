@@ -359,6 +359,16 @@ def test_client_sending_nothing_is_a_client_timeout_not_a_bad_header(harness, re
     assert h.router.chosen == [] and backend.accepted == 0
 
 
+def test_complete_header_then_silence_is_a_client_timeout(harness, recorder):
+    backend = recorder()
+    h = harness(Router(backend.port), accept_proxy=True, client_timeout=0.5)
+    with h.connect() as client:
+        client.sendall(V1_TCP4)
+        assert closed_without_answer(client)
+    assert h.router.wait_finished() == (None, 0, 0, 0, "client_timeout")
+    assert h.router.chosen == [] and backend.accepted == 0
+
+
 @pytest.mark.parametrize("part", [b"PROXY TCP4 10.1.2.3", V2_INET[:20]], ids=["v1", "v2"])
 def test_client_closing_inside_its_header_is_a_bad_header(harness, recorder, part):
     backend = recorder()
@@ -382,9 +392,10 @@ def test_client_closing_right_after_a_complete_header_is_not_a_bad_header(harnes
     assert backend.accepted == 0
 
 
-def test_large_payload_after_the_header_arrives_intact(harness, recorder):
+@pytest.mark.parametrize("splice", [None, True, False], ids=["auto", "splice", "copy"])
+def test_large_payload_after_the_header_arrives_intact(harness, recorder, splice):
     backend = recorder()
-    h = harness(Router(backend.port), accept_proxy=True)
+    h = harness(Router(backend.port), accept_proxy=True, splice=splice)
     payload = os.urandom(1 << 20)
     assert exchange(h, V2_INET + payload) == b"thanks\n"
     got = backend.only_connection(30)
@@ -419,11 +430,12 @@ def test_backend_gets_a_header_with_the_clients_address_then_its_bytes(harness, 
     assert h.router.wait_finished()[1] == len(PAYLOAD)
 
 
+@pytest.mark.parametrize("splice", [None, True, False], ids=["auto", "splice", "copy"])
 @pytest.mark.parametrize("version", [1, 2])
-def test_large_upload_behind_a_sent_header_arrives_intact(harness, recorder, version):
+def test_large_upload_behind_a_sent_header_arrives_intact(harness, recorder, version, splice):
     backend = recorder()
-    h = harness(Router(backend.port, send_proxy=version))
-    payload = os.urandom(1 << 20)
+    h = harness(Router(backend.port, send_proxy=version), splice=splice)
+    payload = os.urandom(4 << 20)
     assert exchange(h, payload) == b"thanks\n"
     got_version, source, _, rest = split_header(backend.only_connection(30))
     assert got_version == version and source[0] == CLIENT_HOST
