@@ -210,6 +210,22 @@ def test_load_check_with_r_1_probes_once_per_connection(procs, faults):
     assert server.probes == before + 10
 
 
+def test_count_triggered_rounds_probe_only_the_load_backends_of_a_mixed_table(procs, faults, tmp_path):
+    reporting, plain = faults(request="delay", delay=0.25), faults(request="delay", delay=0.25)
+    config = write_config(tmp_path, 'backends = ["127.0.0.1:%d", {address = "127.0.0.1:%d", check = "http"}]\n'
+                          % (reporting.port, plain.port))
+    lb = procs.fastlb("--config", config, "-R", "1", "--interval", "60")
+    wait_until(lambda: reporting.probes >= 2, 5, message="the first two probes of the load backend")
+    before = reporting.probes
+    for _ in range(10):
+        assert status_of(http_get(lb.port, "/")) == 200
+    assert reporting.requests + plain.requests == 10 and plain.requests > 0
+    wait_until(lambda: reporting.probes >= before + 10, 5, message="a load probe per connection")
+    assert reporting.probes == before + 10
+    # The http backend had its start-up probe and nothing since.
+    assert plain.probes == 1
+
+
 # -- the admin endpoint and the access log -------------------------------------------------
 
 
