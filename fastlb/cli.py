@@ -116,7 +116,11 @@ def build_config(args: argparse.Namespace) -> Config:
         try:
             backends.append(resolve(address.with_settings(values)))
         except SettingError as exc:
-            raise SettingError("backend %s: %s" % (address.name, exc)) from None
+            # A backend table's check settings are judged only here, merged
+            # with the global ones: name the file's line like every file error.
+            where = configfile.location(args.config, "backends") + ": " \
+                if args.config and not args.servers else ""
+            raise SettingError("%sbackend %s: %s" % (where, address.name, exc)) from None
     values["backends"] = backends
     return Config(**values)
 

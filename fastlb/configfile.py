@@ -29,6 +29,20 @@ def _line_of(text: str, key: str) -> int:
     return text.count("\n", 0, match.start()) + 1 if match else 0
 
 
+def location(path: str, key: str) -> str:
+    """Where ``key`` is set in the config file ``path``, as errors name it: ``path:LINE: key 'KEY'``."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    return _where(path, text, key)
+
+
+def _where(path: str, text: str, key: str) -> str:
+    return "%s:%d: key %r" % (path, _line_of(text, key), key)
+
+
 def load(path: str) -> dict[str, Any]:
     """Read a config file into ``{setting name: value}``, plus ``port``, ``bind``, ``backends``."""
     try:
@@ -49,7 +63,7 @@ def load(path: str) -> dict[str, Any]:
 
     values: dict[str, Any] = {}
     for key, value in document.items():
-        where = "%s:%d: key %r" % (path, _line_of(text, key), key)
+        where = _where(path, text, key)
         try:
             if key == "listen":
                 values.update(_listen(value))
