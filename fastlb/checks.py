@@ -127,8 +127,9 @@ class Probe:
     and ``close`` once it has unregistered the socket.
     """
 
-    def __init__(self, address: Address, timeout: float, backend=None, entry: Optional[list] = None):
-        self.address, self.timeout, self.backend, self.entry = address, timeout, backend, entry
+    def __init__(self, address: Address, timeout: float, backend=None, rounds: Optional[list] = None):
+        # ``backend`` and ``rounds`` (the rounds waiting for this probe) are the owner's business.
+        self.address, self.timeout, self.backend, self.rounds = address, timeout, backend, rounds
         self.started = time.monotonic()
         self.deadline = self.started + timeout
         self.connected = False

@@ -57,6 +57,9 @@ class HealthChecker:
         self._waker = Waker()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
         self._probes: set[Probe] = set()
+        # Rounds that found a backend being probed: they wait for a probe
+        # started once the running one ends (``_probe``).
+        self._queued: dict = {}
         self._triggered = False
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
@@ -79,46 +82,56 @@ class HealthChecker:
     # -- the health-check thread (or the caller of first_round, before it starts) -----
 
     def start_round(self, load_only: bool = False) -> None:
-        """Start probing every backend not already being probed (with ``load_only``, those that report load).
+        """Probe every backend (with ``load_only``, those that report load) in one new round.
 
-        Once the last probe started here is applied the pool is told, so the
+        Once every probe of the round is applied the pool is told, so the
         connections waiting for fresh figures are routed (``BackendPool.round_applied``).
         """
-        # [pool's round entry, probes still running].  The start itself counts
-        # as one running probe until every probe has started: a probe that
-        # ends inside its constructor (a refused connect) must not finish the
-        # round while others are still to start (SPEC §2: the round triggered
-        # by a connection is over, with probes started after it, before the
-        # next client is routed).
+        # [pool's round entry, probes still to be applied].  The start itself
+        # counts as one until every probe has started: a probe that ends
+        # inside its constructor (a refused connect) must not finish the round
+        # while others are still to start.
         entry = [self.pool.begin_round(), 1]
         for backend in self.pool.backends:
             kind = backend.address.check.kind
             if kind == "none" or load_only and kind != "load":
                 continue
-            if not self.pool.begin_probe(backend):
-                continue
-            try:
-                one = Probe(backend.address, self.probe_timeout, backend, entry)
-            except Exception as exc:
-                # A local failure (out of descriptors): not the backend's
-                # fault, so no verdict; it is probed again next round.
-                self.pool.end_probe(backend)
-                self.errors.record("starting a probe of %s" % backend.name, exc)
-                continue
             entry[1] += 1
-            if one.done:
-                self._apply(one)
-                continue
-            try:
-                self._selector.register(one.sock, one.events, one)
-            except Exception as exc:
-                one.close()
-                self.pool.end_probe(backend)
-                self._probe_ended(entry)
-                self.errors.record("starting a probe of %s" % backend.name, exc)
-                continue
-            self._probes.add(one)
+            self._probe(backend, [entry])
         self._probe_ended(entry)
+
+    def _probe(self, backend, rounds: list) -> None:
+        """Start a probe of ``backend`` for ``rounds`` (each already counts it), or queue them behind its running one.
+
+        SPEC §2: a round triggered by a connection is over, with probes
+        started after the trigger, before the next client is routed; and a
+        backend is never probed twice at once.  So a round that finds the
+        backend still being probed waits for that probe and then for one
+        more, started when it ends (one follow-up serves every round queued).
+        """
+        if not self.pool.begin_probe(backend):
+            self._queued.setdefault(backend, []).extend(rounds)
+            return
+        try:
+            one = Probe(backend.address, self.probe_timeout, backend, rounds)
+            if not one.done:
+                try:
+                    self._selector.register(one.sock, one.events, one)
+                except BaseException:
+                    one.close()
+                    raise
+        except Exception as exc:
+            # A local failure (out of descriptors): not the backend's fault,
+            # so no verdict; it is probed again next round.
+            self.pool.end_probe(backend)
+            self.errors.record("starting a probe of %s" % backend.name, exc)
+            for entry in rounds:
+                self._probe_ended(entry)
+            return
+        if one.done:
+            self._apply(one)
+        else:
+            self._probes.add(one)
 
     def first_round(self) -> int:
         """Probe every backend; return once all have answered, or ``STARTUP_GRACE`` after one is up.
@@ -185,7 +198,11 @@ class HealthChecker:
             self._selector.unregister(one.sock)
         one.close()
         self.pool.apply_probe(one.backend, one.result, one.reason, one.latency)
-        self._probe_ended(one.entry)
+        queued = self._queued.pop(one.backend, None)
+        if queued:
+            self._probe(one.backend, queued)
+        for entry in one.rounds:
+            self._probe_ended(entry)
 
     def _probe_ended(self, entry: list) -> None:
         entry[1] -= 1

@@ -76,7 +76,13 @@ class Address:
     def with_settings(self, values: dict) -> "Address":
         """This backend with its check and PROXY settings: its own overrides, else the global ones."""
         merged = dict(values)
-        merged.update(self.overrides)
+        own = dict(self.overrides)
+        if own.get("check", merged.get("check")) != merged.get("check"):
+            # The global exchange belongs to the global kind: a backend with a
+            # kind of its own does not inherit it.
+            merged.pop("check_send", None)
+            merged.pop("check_expect", None)
+        merged.update(own)
         return dataclasses.replace(self, check=make_check(merged),
                                    send_proxy=proxy_version_number(merged.get("send_proxy", "")))
 
@@ -225,7 +231,7 @@ def unescape(text: str) -> bytes:
             out.append(int(text[i + 2:i + 4], 16))
             i += 4
         else:
-            raise SettingError("unknown escape %r in %r (known: \\r \\n \\t \\\\ \\xHH)"
+            raise SettingError("unknown escape %s in '%s' (known: \\r \\n \\t \\\\ \\xHH)"
                                % (text[i:i + 4] if code == "x" else text[i:i + 2], text))
     return bytes(out)
 

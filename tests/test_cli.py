@@ -121,3 +121,12 @@ def test_config_reference_in_the_docs_is_a_valid_config_file(tmp_path):
     assert values["port"] == 8000 and len(values["backends"]) == 3
     assert values["backends"][2].weight == 2
     assert {s.name for s in SETTINGS if s.shown_default != "off"} <= set(values)
+
+
+def test_a_backend_with_a_check_kind_of_its_own_does_not_inherit_the_global_exchange(tmp_path):
+    config = tmp_path / "fastlb.toml"
+    config.write_text('listen = 9000\ncheck = "tcp"\ncheck-send = "PING\\\\r\\\\n"\ncheck-expect = "+PONG"\n'
+                      'backends = ["6379", {address = "8001", check = "http", check_path = "/health"}]\n')
+    redis, web = parse_config(["--config", str(config)]).backends
+    assert (redis.check.kind, redis.check.send, redis.check.expect) == ("tcp", b"PING\r\n", b"+PONG")
+    assert (web.check.kind, web.check.path, web.check.send, web.check.expect) == ("http", "/health", b"", b"")

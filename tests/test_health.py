@@ -192,3 +192,29 @@ def test_a_round_is_not_over_while_a_probe_started_in_it_still_runs(faults):
         checker._step(deadline)
     assert pool.round_applied(1)
     assert [b.state for b in pool.backends] == ["down", "up"]
+
+
+def test_a_round_that_finds_a_probe_running_waits_for_one_started_after_it(faults):
+    # SPEC §2 [compat] with -R 1: the second trigger comes while the first
+    # round's probe still runs.  Its round is over only once a probe started
+    # after that probe has been applied, never on the older one's answer.
+    from faults import DELAY
+    from fastlb.health import HealthChecker
+    from fastlb.pool import BackendPool
+
+    slow = faults(probe=DELAY, delay=0.3)
+    pool = BackendPool([Address("127.0.0.1", slow.port, "127.0.0.1")], requests_per_round=1)
+    checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
+    for ticket in (1, 2):
+        assert pool.count_accept()[0]
+        pool.trigger_closed(ticket)
+        checker.start_round(load_only=True)
+    deadline = time.monotonic() + 5
+    while not pool.round_applied(1) and time.monotonic() < deadline:
+        checker._step(deadline)
+    assert pool.round_applied(1) and not pool.round_applied(2)
+    assert len(slow.probe_times()) == 1
+    while not pool.round_applied(2) and time.monotonic() < deadline:
+        checker._step(deadline)
+    assert pool.round_applied(2)
+    assert len(slow.probe_times()) == 2
