@@ -242,6 +242,9 @@ class FixedRouter:
     def connect_failed(self, token, reason):
         raise AssertionError("backend %s: %s" % (token, reason))
 
+    def replayed(self, token, reason):
+        raise AssertionError("backend %s: %s" % (token, reason))
+
     def finished(self, token, addr, bytes_up, bytes_down, status, end, duration):
         pass
 

@@ -78,6 +78,15 @@ LINGER_BYTES = 1 << 20
 
 RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
 
+# --retry-on-empty: a connection whose backend closes or resets before its
+# first answer byte is replayed on the next backend, from a copy of what the
+# client sent so far, kept until that first byte and up to REPLAY_LIMIT bytes
+# (a request head and a small body; a larger upload is not replayed).
+REPLAY_LIMIT = 65536
+RETRY_NEVER, RETRY_IDEMPOTENT, RETRY_ALWAYS = "never", "idempotent", "always"
+# RFC 9110 9.2.2: the idempotent methods, as a request line starts.
+IDEMPOTENT_METHODS = (b"GET ", b"HEAD ", b"OPTIONS ", b"TRACE ", b"PUT ", b"DELETE ")
+
 WAIT, PARKED, CONNECTING, RELAYING, LINGER = "wait", "parked", "connecting", "relaying", "linger"
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -124,7 +133,7 @@ class _Conn:
         "client", "server", "addr", "ticket", "state", "token", "tried", "accepted", "deadline",
         "up", "down", "up_eof", "down_eof", "up_shut", "down_shut", "bytes_up", "bytes_down",
         "status", "head", "last_up", "client_mask", "server_mask", "lingered", "answered",
-        "reported", "header", "proxied", "preamble", "failed",
+        "reported", "header", "proxied", "preamble", "failed", "copy",
     )
 
     def __init__(self, client: socket.socket, addr, ticket, now: float, client_timeout: float):
@@ -152,15 +161,20 @@ class _Conn:
         self.proxied: Optional[tuple] = None
         self.preamble = b""               # a PROXY header for the backend, sent before all else
         self.failed = None                # the end of a side that failed while the other was owed bytes
+        self.copy: Optional[bytearray] = None   # the client's bytes so far, for a replay
 
 
 class Engine:
     """An event loop relaying many client/backend pairs (see the module comment)."""
 
     def __init__(self, router, server_timeout: float, idle_timeout: float, client_timeout: float,
-                 connect_timeout: float, splice=None, accept_proxy: bool = False):
+                 connect_timeout: float, splice=None, accept_proxy: bool = False,
+                 retry_on_empty: str = RETRY_IDEMPOTENT):
+        if retry_on_empty not in (RETRY_NEVER, RETRY_IDEMPOTENT, RETRY_ALWAYS):
+            raise ValueError("retry_on_empty must be never, idempotent or always")
         self.router = router
         self.accept_proxy = accept_proxy
+        self.retry_on_empty = retry_on_empty
         self.server_timeout, self.idle_timeout = server_timeout, idle_timeout
         self.client_timeout, self.connect_timeout = client_timeout, connect_timeout
         self._selector = selectors.DefaultSelector()
@@ -260,6 +274,8 @@ class Engine:
         conn = _Conn(client, addr, ticket, time.monotonic(), self.client_timeout)
         if self.accept_proxy:
             conn.header = bytearray()
+        if self.retry_on_empty != RETRY_NEVER:
+            conn.copy = bytearray()
         self._conns.add(conn)
         try:
             client.setblocking(False)
@@ -450,10 +466,13 @@ class Engine:
             except OSError:
                 self._finish(conn, "server_error")
                 return
-            conn.up += conn.preamble[sent:]
+            conn.up[:0] = conn.preamble[sent:]
+        # A replay's bytes, held since the previous backend: on their way now.
+        end = self._flush(conn, True) if conn.up else None
         # The client's first bytes are waiting (they were peeked): pass them on
         # now rather than after another round through the selector.
-        end = self._pump(conn, True)
+        if end is None:
+            end = self._pump(conn, True)
         if end is not None:
             self._finish(conn, end)
         else:
@@ -509,9 +528,15 @@ class Engine:
         if from_client:
             conn.bytes_up += len(data)
             pending = conn.up
+            if conn.copy is not None:
+                if len(conn.copy) + len(data) <= REPLAY_LIMIT:
+                    conn.copy += data
+                else:
+                    conn.copy = None      # too much to replay
         else:
             conn.bytes_down += len(data)
             pending = conn.down
+            conn.copy = None              # the backend answered: nothing to replay any more
             if conn.status < 0:
                 conn.head += data[: STATUS_PREFIX_LEN - len(conn.head)]
                 code = parse_status_line(conn.head)
@@ -552,6 +577,9 @@ class Engine:
 
     def _update(self, conn: _Conn) -> None:
         """Pass on finished directions, recompute interests and the deadline; end when both are done."""
+        if conn.down_eof and not conn.bytes_down and conn.failed is None \
+                and self._replay(conn, "closed the connection without an answer"):
+            return
         up_done = conn.up_eof and not conn.up
         down_done = conn.down_eof and not conn.down
         if up_done and down_done:
@@ -591,6 +619,8 @@ class Engine:
 
     def _finish(self, conn: _Conn, end: str) -> None:
         """The relay is over: report it, and answer 500 if the backend failed before its first byte."""
+        if end == "server_error" and self._replay(conn, "reset the connection without an answer"):
+            return
         if conn.bytes_down == 0 and end in ("server_timeout", "server_error"):
             self._drop_server(conn)
             self._report(conn, end, 500)
@@ -600,6 +630,31 @@ class Engine:
                 and self._deliver_what_is_owed(conn, end):
             return
         self._close(conn, end)
+
+    def _replay(self, conn: _Conn, reason: str) -> bool:
+        """The backend ended before its first answer byte: replay the client's bytes on the next one.
+
+        Only while the copy of the client's bytes is whole and, with
+        ``retry_on_empty`` idempotent, starts with an idempotent HTTP method.
+        The backend is released without a verdict (``router.replayed``): a
+        dead one refuses the next connect and is marked down as usual.
+        """
+        copy = conn.copy
+        if not copy or conn.bytes_down or conn.failed is not None:
+            return False
+        if self.retry_on_empty == RETRY_IDEMPOTENT and not copy.startswith(IDEMPOTENT_METHODS):
+            return False
+        self._drop_server(conn)
+        token, conn.token = conn.token, None
+        try:
+            self.router.replayed(token, reason)
+        except Exception as exc:
+            INTERNAL_ERRORS.record("the router's replayed", exc)
+        conn.up[:] = copy
+        conn.up_shut = conn.down_eof = conn.down_shut = False
+        self._watch(conn, 0, 0)
+        self._connect_next(conn)
+        return True
 
     def _deliver_what_is_owed(self, conn: _Conn, end: str) -> bool:
         """One side failed (a reset, say): write what was read from it to the other side before closing.

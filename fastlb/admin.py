@@ -192,6 +192,9 @@ def render_metrics(stats: dict) -> str:
                 lambda b: b["active"])
     per_backend("fastlb_backend_failures_total", "counter",
                 "Failed connects and server timeouts.", lambda b: b["failures"])
+    per_backend("fastlb_backend_replays_total", "counter",
+                "Connections the backend closed or reset before any answer, replayed on another.",
+                lambda b: b["replays"])
     family("fastlb_backend_bytes_total", "counter", "Bytes relayed, by direction.",
            [((("backend", b["backend"]), ("direction", d)), b["bytes_" + d])
             for b in backends for d in ("up", "down")])

@@ -117,6 +117,10 @@ class Router:
     def connect_failed(self, backend: Backend, reason: str) -> None:
         self.pool.connect_failed(backend, reason)
 
+    def replayed(self, backend: Backend, reason: str) -> None:
+        """The backend ended a connection before its first answer byte; the engine replays it elsewhere."""
+        self.pool.replayed(backend)
+
     def finished(self, backend: Optional[Backend], client: Client, bytes_up: int, bytes_down: int,
                  status: int, end: str, duration: float) -> None:
         if client.round:
@@ -264,7 +268,8 @@ class Balancer:
         config = self.config
         engine = bridge.Engine(self.router, config.server_timeout, config.idle_timeout,
                                config.client_timeout, config.connect_timeout,
-                               accept_proxy=config.accept_proxy)
+                               accept_proxy=config.accept_proxy,
+                               retry_on_empty=config.retry_on_empty)
         self.pool.round_listeners.append(engine.wake)
         return engine
 
@@ -417,7 +422,7 @@ class Balancer:
         totals = {"up": sum(b["state"] == "up" for b in backends),
                   "responses": {c: sum(b["responses"][c] for b in backends)
                                 for c in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")}}
-        for key in ("routed", "active", "bytes_up", "bytes_down", "failures"):
+        for key in ("routed", "active", "bytes_up", "bytes_down", "failures", "replays"):
             totals[key] = sum(b[key] for b in backends)
         return {
             "version": __version__, "bridge": bridge.IMPLEMENTATION,
@@ -447,7 +452,7 @@ class Balancer:
         if config.log_level != self.config.log_level:
             logging.getLogger().setLevel(config.log_level)
         for name in ("port", "bind", "threads", "admin", "max_queue", "max_connections",
-                     "access_log", "accept_proxy"):
+                     "access_log", "accept_proxy", "retry_on_empty"):
             if getattr(config, name) != getattr(self.config, name) and not (
                     name == "port" and config.port == self.port):
                 log.warning("reload: %s changed; restart fastlb to apply it", name)

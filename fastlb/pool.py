@@ -37,7 +37,7 @@ class Backend:
         "address", "index", "state", "reason", "errors", "entries", "probing",
         "probe_started_routed", "routed", "active", "bytes_up", "bytes_down",
         "responses", "failures", "last_change", "probe_latency", "good_probes",
-        "bad_probes", "removed", "durations", "duration_sum", "rr_current",
+        "bad_probes", "removed", "durations", "duration_sum", "rr_current", "replays",
     )
 
     def __init__(self, address: Address, index: int):
@@ -65,6 +65,7 @@ class Backend:
         self.durations = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
         self.rr_current = 0           # smooth weighted round robin's running weight
+        self.replays = 0              # connections it closed unanswered, replayed elsewhere
 
     @property
     def name(self) -> str:
@@ -204,6 +205,18 @@ class BackendPool:
             backend.failures += 1
             backend.good_probes = 0
             self._locked_set_state(backend, DOWN, reason)
+            self._locked_forget_if_drained(backend)
+
+    def replayed(self, backend: Backend) -> None:
+        """A connection chosen by ``choose`` was closed by the backend before any answer and goes elsewhere.
+
+        Released and counted, with no verdict: a dead backend refuses the
+        next connect and is marked down then.
+        """
+        with self._lock:
+            backend.active -= 1
+            backend.entries = max(0, backend.entries - 1)
+            backend.replays += 1
             self._locked_forget_if_drained(backend)
 
     def mark_down(self, backend: Backend, reason: str) -> None:
@@ -400,7 +413,7 @@ class BackendPool:
                     "backend": b.name, "state": b.state, "reason": b.reason,
                     "errors": b.errors, "entries": b.entries, "routed": b.routed,
                     "active": b.active, "bytes_up": b.bytes_up, "bytes_down": b.bytes_down,
-                    "responses": dict(b.responses), "failures": b.failures,
+                    "responses": dict(b.responses), "failures": b.failures, "replays": b.replays,
                     "last_change": b.last_change, "probe_latency": b.probe_latency,
                     "weight": b.address.weight, "removed": b.removed, "backup": b.backup,
                     "check": b.address.check.kind,

@@ -173,6 +173,7 @@ def choice(*allowed: str, what: str) -> Callable[[str], str]:
 check_kind = choice(*CHECK_KINDS, what="check kind")
 balance_policy = choice(*POLICIES, what="balance policy")
 proxy_version = choice("v1", "v2", what="PROXY protocol version")
+retry_policy = choice("idempotent", "always", "never", what="retry-on-empty")
 
 
 def proxy_version_number(text: str) -> int:
@@ -365,6 +366,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("accept_proxy", ("--accept-proxy",), switch, False,
             "every client connection must start with a PROXY protocol header (v1 or v2), whose "
             "address is then the client's", flag=True),
+    Setting("retry_on_empty", ("--retry-on-empty",), retry_policy, "idempotent",
+            "replay a connection whose backend closes or resets before its first answer byte on "
+            "the next backend: idempotent (when the client's bytes, at most 64 KiB so far, start "
+            "with GET, HEAD, OPTIONS, TRACE, PUT or DELETE), always, or never", "WHEN"),
     Setting("admin", ("--admin",), admin_address, "",
             "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
             "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT"),

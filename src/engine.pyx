@@ -61,8 +61,8 @@ from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, ECONNREFUSED, EINPROGRE
                          EISCONN, ENOSYS, ETIMEDOUT, errno)
 from libc.math cimport ceil
 from libc.stdint cimport uint64_t, uintptr_t
-from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memmove, memset, strerror, strlen
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset, strerror, strlen
 
 from http_status cimport STATUS_PREFIX_LEN, status_code
 from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR,
@@ -116,6 +116,11 @@ cdef enum:
 
     C_LINGER_BYTES = 1 << 20
 
+    # --retry-on-empty (see fastlb._engine_py.REPLAY_LIMIT): the most client
+    # bytes kept for a replay, in a buffer that starts small and doubles.
+    C_REPLAY_LIMIT = 65536
+    REPLAY_FIRST_CAPACITY = 1024
+
     # Interest bits, as selectors.EVENT_READ / EVENT_WRITE in the Python twin.
     READ = 1
     WRITE = 2
@@ -132,6 +137,7 @@ cdef double C_ROUTE_WAIT = 0.25
 # the client's unread request cannot turn our close into a RST.
 cdef double C_LINGER_SECONDS = 1.0
 
+REPLAY_LIMIT = C_REPLAY_LIMIT
 TICK = C_TICK
 ROUTE_WAIT = C_ROUTE_WAIT
 READ_SIZE = C_READ_SIZE
@@ -176,6 +182,21 @@ cdef enum Route:
     ROUTE_PARK
     ROUTE_NONE
     ROUTE_OK
+
+cdef enum Retry:
+    RETRY_NEVER
+    RETRY_IDEMPOTENT
+    RETRY_ALWAYS
+
+# Why a backend is replayed (Conn.route_replay), as the router is told.
+cdef enum:
+    REPLAY_NONE = 0
+    REPLAY_CLOSED
+    REPLAY_RESET
+
+_REPLAY_REASONS = ("", "closed the connection without an answer",
+                   "reset the connection without an answer")
+_RETRY_POLICIES = {"never": RETRY_NEVER, "idempotent": RETRY_IDEMPOTENT, "always": RETRY_ALWAYS}
 
 # Values of the "failed" argument of _connect_next besides a positive errno.
 cdef enum:
@@ -233,6 +254,14 @@ cdef struct Conn:
     ProxyAddresses proxied
     int send_proxy          # PROXY version owed to the current backend before any client byte
     End failed              # a side that failed while the other was owed bytes (END_NONE: none)
+    # --retry-on-empty: the client's bytes so far (copy_len of them, in a
+    # buffer of copy_cap), until the backend's first answer byte; copy_off
+    # once that came, the bytes outgrew C_REPLAY_LIMIT, or replays are off.
+    unsigned char* copy
+    Py_ssize_t copy_len
+    Py_ssize_t copy_cap
+    bint copy_off
+    int route_replay        # REPLAY_*: tell the router the current backend was replayed
     End report_end
     int report_status
     double report_duration
@@ -364,6 +393,52 @@ cdef void _capture_status(Conn* c, const unsigned char* data, Py_ssize_t n) noex
     code = status_code(c.head, c.head_len)
     if code != 0 or c.head_len >= STATUS_PREFIX_LEN:
         c.status = code if code > 0 else 0
+
+
+cdef void _drop_copy(Conn* c) noexcept nogil:
+    free(c.copy)
+    c.copy = NULL
+    c.copy_len = c.copy_cap = 0
+    c.copy_off = True
+
+
+cdef void _keep_copy(Conn* c, const unsigned char* data, Py_ssize_t n) noexcept nogil:
+    """Add the client's bytes to its replay copy; give the copy up past C_REPLAY_LIMIT."""
+    cdef Py_ssize_t capacity = c.copy_cap
+    cdef unsigned char* grown
+    if c.copy_len + n > C_REPLAY_LIMIT:
+        _drop_copy(c)
+        return
+    if c.copy_len + n > capacity:
+        if capacity == 0:
+            capacity = REPLAY_FIRST_CAPACITY
+        while capacity < c.copy_len + n:
+            capacity *= 2
+        grown = <unsigned char*>realloc(c.copy, capacity)
+        if grown == NULL:
+            _drop_copy(c)
+            return
+        c.copy = grown
+        c.copy_cap = capacity
+    memcpy(c.copy + c.copy_len, data, n)
+    c.copy_len += n
+
+
+cdef bint _idempotent(const unsigned char* data, Py_ssize_t n) noexcept nogil:
+    """Do the bytes start with an idempotent HTTP method (RFC 9110 9.2.2) and its space?"""
+    cdef const char* methods[6]
+    cdef Py_ssize_t i, k
+    methods[0] = b"GET "
+    methods[1] = b"HEAD "
+    methods[2] = b"OPTIONS "
+    methods[3] = b"TRACE "
+    methods[4] = b"PUT "
+    methods[5] = b"DELETE "
+    for i in range(6):
+        k = strlen(methods[i])
+        if n >= k and memcmp(data, methods[i], k) == 0:
+            return True
+    return False
 
 
 cdef enum:
@@ -505,6 +580,7 @@ cdef class Engine:
     cdef readonly double connect_timeout
     cdef SpliceMode splice_mode
     cdef readonly bint accept_proxy
+    cdef Retry retry
     cdef int epfd
     cdef int wakefd
     # The hand-off, guarded by the GIL: (fd, addr, ticket) tuples and flags.
@@ -536,7 +612,8 @@ cdef class Engine:
     cdef bint sigpipe_blocked
 
     def __cinit__(self, router, double server_timeout, double idle_timeout, double client_timeout,
-                  double connect_timeout, splice=None, bint accept_proxy=False):
+                  double connect_timeout, splice=None, bint accept_proxy=False,
+                  retry_on_empty="idempotent"):
         cdef epoll_event ev
         cdef int err
         self.epfd = -1
@@ -548,6 +625,9 @@ cdef class Engine:
         self.connect_timeout = connect_timeout
         self.splice_mode = SPLICE_AUTO if splice is None else SPLICE_ALWAYS if splice else SPLICE_NEVER
         self.accept_proxy = accept_proxy
+        if retry_on_empty not in _RETRY_POLICIES:
+            raise ValueError("retry_on_empty must be never, idempotent or always")
+        self.retry = _RETRY_POLICIES[retry_on_empty]
         self.incoming = []
         self.scratch = <unsigned char*>malloc(C_READ_SIZE)
         if self.scratch == NULL:
@@ -598,6 +678,11 @@ cdef class Engine:
             return
         self.incoming.append((fd, addr, ticket))
         self._wake()
+
+    @property
+    def retry_on_empty(self):
+        """When a connection whose backend ended before answering is replayed."""
+        return ("never", "idempotent", "always")[self.retry]
 
     @property
     def active(self):
@@ -781,6 +866,7 @@ cdef class Engine:
             c.client = fd
             c.server = -1
             c.status = -1
+            c.copy_off = self.retry == RETRY_NEVER
             _init_direction(&c.up)
             _init_direction(&c.down)
             Py_INCREF(addr)
@@ -1039,6 +1125,9 @@ cdef class Engine:
             reason = _connect_reason(failed)
         if drop_ticket:
             _clear(&c.ticket)
+        if c.route_replay != REPLAY_NONE:
+            self._report_replayed(c, _REPLAY_REASONS[c.route_replay])
+            c.route_replay = REPLAY_NONE
         while True:
             if reason is not None:
                 self._report_connect_failed(c, reason)
@@ -1065,6 +1154,18 @@ cdef class Engine:
             reason = _fill_sockaddr(&c.peer, &c.peer_len, family, ip, port)
             if reason is None:
                 return ROUTE_OK
+
+    cdef int _report_replayed(self, Conn* c, reason) except -1:
+        """With the GIL: router.replayed for the current backend, which c then forgets."""
+        cdef PyObject* token = c.token
+        c.token = NULL
+        try:
+            self.router.replayed(_obj(token), reason)
+        except Exception as exc:
+            INTERNAL_ERRORS.record("the router's replayed", exc)
+        finally:
+            Py_XDECREF(token)
+        return 0
 
     cdef int _report_connect_failed(self, Conn* c, reason) except -1:
         """With the GIL: router.connect_failed for the current backend, which c then forgets."""
@@ -1146,6 +1247,9 @@ cdef class Engine:
         c.last_up = self.now
         c.deadline = self.now + self.server_timeout
         end = self._send_proxy_header(c) if c.send_proxy else END_NONE
+        # A replay's bytes, held since the previous backend: on their way now.
+        if end == END_NONE and _held(&c.up):
+            end = self._flush(c, True)
         # The client's first bytes are waiting (they were peeked): pass them on
         # now rather than after another round through epoll.
         if end == END_NONE:
@@ -1166,7 +1270,7 @@ cdef class Engine:
         cdef sockaddr_storage peer, local
         cdef socklen_t peer_len = sizeof(peer), local_len = sizeof(local)
         cdef unsigned char header[PROXY_BUILD_MAX]
-        cdef Py_ssize_t n, sent
+        cdef Py_ssize_t n, sent, held
         cdef int err = 0
         cdef Direction* d = &c.up
         if c.proxied.family != 0:
@@ -1183,12 +1287,16 @@ cdef class Engine:
                 return END_SERVER_ERROR
             sent = 0
         if sent < n:
-            d.buf = <unsigned char*>malloc(BUFFER_CAPACITY)
+            # In front of anything held (a replay's bytes, at most C_REPLAY_LIMIT).
+            held = d.end - d.start
             if d.buf == NULL:
-                return END_SERVER_ERROR
+                d.buf = <unsigned char*>malloc(BUFFER_CAPACITY)
+                if d.buf == NULL:
+                    return END_SERVER_ERROR
+            memmove(d.buf + (n - sent), d.buf + d.start, held)
             memcpy(d.buf, header + sent, n - sent)
             d.start = 0
-            d.end = n - sent
+            d.end = held + n - sent
         return END_NONE
 
     cdef int _connect_failed(self, Conn* c, int failed) except -1 nogil:
@@ -1213,7 +1321,9 @@ cdef class Engine:
             return END_NONE   # a stale event: the side is no longer read
         if (d.pipe_size == 0 and not d.copy_only and self.splice_mode != SPLICE_NEVER
                 and _held(d) == 0
-                and (from_client or c.status >= 0)   # the status line is read from copied bytes
+                # The status line is read from copied bytes, and a replay copy
+                # from the client's: neither while bytes move by splice.
+                and (c.copy_off if from_client else c.status >= 0)
                 and (self.splice_mode == SPLICE_ALWAYS
                      or d.nbytes >= SPLICE_THRESHOLD and d.last_read >= BULK_READ)):
             _start_splice(d)
@@ -1245,6 +1355,11 @@ cdef class Engine:
             return END_NONE
         d.nbytes += n
         d.last_read = n
+        if not c.copy_off:
+            if from_client:
+                _keep_copy(c, into, n)
+            else:
+                _drop_copy(c)   # the backend answered: nothing to replay any more
         if not from_client and c.status < 0:
             _capture_status(c, into, n)
         c.deadline = self.now + self.idle_timeout
@@ -1287,6 +1402,8 @@ cdef class Engine:
             return END_NONE
         d.nbytes += n
         d.last_read = n
+        if not from_client and not c.copy_off:
+            _drop_copy(c)
         c.deadline = self.now + self.idle_timeout
         was_empty = d.in_pipe == 0
         d.in_pipe += n
@@ -1339,8 +1456,12 @@ cdef class Engine:
     cdef void _update(self, Conn* c) noexcept nogil:
         """Pass on finished directions, recompute interests and the deadline; end when both are done."""
         cdef int client_mask, server_mask
-        cdef bint up_done = c.up.eof and _held(&c.up) == 0
-        cdef bint down_done = c.down.eof and _held(&c.down) == 0
+        cdef bint up_done, down_done
+        if (c.down.eof and c.down.nbytes == 0 and c.failed == END_NONE
+                and self._replay(c, REPLAY_CLOSED)):
+            return
+        up_done = c.up.eof and _held(&c.up) == 0
+        down_done = c.down.eof and _held(&c.down) == 0
         if up_done and down_done:
             # Both sides ended and everything was read: closing sends the FIN
             # a shutdown would have (no unread data, so no reset).
@@ -1405,6 +1526,8 @@ cdef class Engine:
 
     cdef void _finish(self, Conn* c, End end) noexcept nogil:
         """The relay is over: report it, and answer 500 if the backend failed before its first byte."""
+        if end == END_SERVER_ERROR and self._replay(c, REPLAY_RESET):
+            return
         if c.down.nbytes == 0 and (end == END_SERVER_TIMEOUT or end == END_SERVER_ERROR):
             self._drop_server(c)
             self._queue_report(c, end, 500)
@@ -1414,6 +1537,36 @@ cdef class Engine:
                 and self._deliver_what_is_owed(c, end)):
             return
         self._close(c, end)
+
+    cdef bint _replay(self, Conn* c, int why) noexcept nogil:
+        """The backend ended before its first answer byte: replay the client's bytes on the next one.
+
+        As in the Python twin: only while the copy is whole and, with
+        --retry-on-empty idempotent, starts with an idempotent method.  The
+        backend is released without a verdict (router.replayed, told when the
+        router is next asked, with this connection's route).
+        """
+        cdef Direction* d = &c.up
+        cdef unsigned char* buf
+        if (c.copy_off or c.copy_len == 0 or c.down.nbytes != 0 or c.failed != END_NONE
+                or (self.retry == RETRY_IDEMPOTENT and not _idempotent(c.copy, c.copy_len))):
+            return False
+        buf = <unsigned char*>malloc(BUFFER_CAPACITY)
+        if buf == NULL:
+            return False
+        self._watch(c, 0, 0)
+        self._forget_server(c)
+        _release_direction(d)
+        d.buf = buf
+        memcpy(d.buf, c.copy, c.copy_len)
+        d.start = 0
+        d.end = c.copy_len
+        d.shut = False
+        c.down.eof = False
+        c.down.shut = False
+        c.route_replay = why
+        self._connect_next(c, FAILED_NOTHING, False)
+        return True
 
     cdef bint _deliver_what_is_owed(self, Conn* c, End end) noexcept nogil:
         """One side failed (a reset, say): write what was read from it to the other side before closing.
@@ -1485,6 +1638,7 @@ cdef class Engine:
         free(c.header)
         c.header = NULL
         c.header_len = 0
+        _drop_copy(c)
         if end != END_NONE:
             self._queue_report(c, end, c.answered if c.answered else (c.status if c.status > 0 else 0))
         elif c.answered:

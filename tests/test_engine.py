@@ -30,6 +30,7 @@ class Router:
         self.ports = list(ports)
         self.down: dict[int, str] = {}
         self.done: list[tuple] = []
+        self.replays: list[tuple] = []
         self.lock = threading.Lock()
 
     def choose(self, tried, ticket, addr=None, source=None):
@@ -43,6 +44,10 @@ class Router:
     def connect_failed(self, token, reason):
         with self.lock:
             self.down[token] = reason
+
+    def replayed(self, token, reason):
+        with self.lock:
+            self.replays.append((token, reason))
 
     def finished(self, token, addr, bytes_up, bytes_down, status, end, duration):
         with self.lock:

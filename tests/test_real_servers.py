@@ -145,7 +145,7 @@ def test_uvicorn_app_whose_health_answers_503_gets_no_traffic(procs, servers):
     assert '"GET / HTTP/1.1"' not in sick.output()
 
 
-def test_uvicorn_app_killed_under_load_fails_only_the_requests_in_flight(procs, servers):
+def test_uvicorn_app_killed_under_load_fails_not_even_the_requests_in_flight(procs, servers):
     threads, per_thread = 8, 400
     apps = start_uvicorn_apps(servers, "A", "B", "C")
     victim = apps[1]
@@ -182,9 +182,10 @@ def test_uvicorn_app_killed_under_load_fails_only_the_requests_in_flight(procs, 
     assert not any(worker.is_alive() for worker in workers)
 
     names = {b"A", b"B", b"C"}
+    # Not even the requests in flight on the killed app fail: fastlb replays a
+    # GET whose backend closed or reset before answering (--retry-on-empty).
     failed = [(started, outcome) for started, outcome in results if outcome not in names]
-    assert len(failed) <= threads, failed
-    assert all(started < killed for started, _ in failed), failed
+    assert failed == [], failed
     before = [outcome for started, outcome in results if started < killed]
     after = [outcome for started, outcome in results if started > killed]
     assert b"B" in before
