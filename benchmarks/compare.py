@@ -248,8 +248,12 @@ def start_contender(name: str, port: int, backends: Backends, workdir: Path, thr
         python = name.split("@", 1)[0] == "fastlb-python"
         env = _env({"FASTLB_NO_EXTENSIONS": "1" if python else ""}, _fastlb_tree(name))
         return subprocess.Popen(
+            # The same connection cap as HAProxy's maxconn: fastlb's default
+            # keeps room for a splice pipe per four connections, as HAProxy's
+            # own default does, which would cap the c9000 run below 9,000.
             [sys.executable, "-m", "fastlb", "-N", str(threads), "--bind", "127.0.0.1",
-             "--log-level", "warning", str(port), str(p1), str(p2)], env=env,
+             "--log-level", "warning", "--max-connections", str(max_connections()),
+             str(port), str(p1), str(p2)], env=env,
             stderr=subprocess.DEVNULL)
     if name.startswith("haproxy"):
         conf = workdir / ("%s.cfg" % name)

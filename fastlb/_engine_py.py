@@ -94,6 +94,21 @@ READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 ACCEPT_BATCH = 64
 
 
+# The Python twin never splices: it holds no pipes, whatever the budget.
+_pipe_budget = 1 << 30
+
+
+def set_pipe_budget(pipes: int) -> None:
+    """At most this many splice pipes open at once in the process's engines (others copy)."""
+    global _pipe_budget
+    _pipe_budget = pipes
+
+
+def pipes_in_use() -> int:
+    """Splice pipes the process's engines hold now (always 0 here)."""
+    return 0
+
+
 def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACCEPT_BATCH) -> list:
     """Wait for clients on the non-blocking ``listener`` and accept up to ``limit`` of them.
 

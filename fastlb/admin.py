@@ -166,6 +166,11 @@ def render_metrics(stats: dict) -> str:
     family("fastlb_at_capacity", "gauge",
            "1 while --max-connections are open and new clients wait in the listen backlog.",
            [((), 1 if stats["at_capacity"] else 0)])
+    family("fastlb_splice_pipes", "gauge", "Splice pipes open now (two descriptors each).",
+           [((), stats["pipes"])])
+    family("fastlb_max_splice_pipes", "gauge",
+           "Splice pipes fastlb opens at most; beyond them bulk bytes are copied.",
+           [((), stats["max_pipes"])])
     family("fastlb_queued_connections", "gauge", "Connections waiting for a worker.",
            [((), stats["queue_length"])])
 

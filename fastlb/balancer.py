@@ -34,7 +34,7 @@ from typing import Optional
 
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
-from fastlb.admin import AdminServer
+from fastlb.admin import ADMIN_MAX_CONNECTIONS, AdminServer
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
@@ -45,7 +45,8 @@ log = logging.getLogger("fastlb")
 
 RESPONSE_503 = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 
-# Descriptors kept for everything but relays (listener, logs, probes, admin).
+# Descriptors kept for fastlb's own use (listener, wakers, epoll and event
+# descriptors, logs); probes and the admin endpoint are counted on top.
 RESERVED_FDS = 64
 # How often a drain checks whether the last connection has finished.
 DRAIN_POLL = 0.05
@@ -65,6 +66,26 @@ def _peer(addr) -> str:
 
 class ListenError(Exception):
     """The listening socket could not be set up; the message is meant for the user."""
+
+
+def _reserved_fds(backends: int, admin: bool) -> int:
+    """Descriptors not for relays: fastlb's own, a probe and a reload's probe per backend, the admin endpoint."""
+    return RESERVED_FDS + 2 * backends + (ADMIN_MAX_CONNECTIONS if admin else 0)
+
+
+def descriptor_budget(fd_limit: int, backends: int, admin: bool,
+                      max_connections: int = 0) -> tuple[int, int]:
+    """``(client connections, splice pipes)`` that fit in ``fd_limit`` open files.
+
+    A relayed connection takes two descriptors and a splice pipe two more.
+    As in HAProxy (maxpipes = maxconn / 4), the default leaves room for a pipe
+    per four connections; with ``max_connections`` given, pipes get what is
+    left, up to the same ratio.
+    """
+    room = max(0, fd_limit - _reserved_fds(backends, admin))
+    if not max_connections:
+        max_connections = max(1, room * 2 // 5)
+    return max_connections, max(0, min(max_connections // 4, (room - 2 * max_connections) // 2))
 
 
 def raise_fd_limit() -> int:
@@ -162,7 +183,9 @@ class Balancer:
         self._waker = Waker()
         self._workers: list[threading.Thread] = []
         self.fd_limit = raise_fd_limit()
-        self.max_connections = config.max_connections or max(1, (self.fd_limit - RESERVED_FDS) // 2)
+        self.max_connections, self.max_pipes = descriptor_budget(
+            self.fd_limit, len(config.backends), bool(config.admin), config.max_connections)
+        bridge.set_pipe_budget(self.max_pipes)
         self.router = Router(self)
         # Read by other threads (accept loop, admin); replaced, never changed in place.
         self.engines: list = [self._new_engine() for _ in range(config.threads)]
@@ -225,11 +248,19 @@ class Balancer:
         log.info(
             "fastlb %s (%s bridge) listening on %s:%d; %d worker(s); backends %s; "
             "health check every %d connection(s) and %gs; up to %d open files, "
-            "so up to %d client connections",
+            "so up to %d client connections and %d splice pipes",
             __version__, bridge.IMPLEMENTATION, self.config.bind, self.port,
             self.config.threads, ", ".join(b.name for b in self.pool.backends),
             self.config.requests, self.config.interval, self.fd_limit, self.max_connections,
+            self.max_pipes,
         )
+        needed = 2 * self.max_connections + _reserved_fds(len(self.pool.backends),
+                                                            bool(self.config.admin))
+        if needed > self.fd_limit:
+            log.warning("--max-connections %d needs about %d descriptors but the open-file limit "
+                        "is %d: at capacity accepts and backend connections will fail; raise the "
+                        "limit (ulimit -n) or lower --max-connections", self.max_connections,
+                        needed, self.fd_limit)
         if self.admin:
             self.admin.start()
             log.info("admin endpoint on http://%s/ (stats page, /stats.json, /metrics, /healthz)",
@@ -438,6 +469,7 @@ class Balancer:
             "accept_proxy": self.config.accept_proxy,
             "inflight": self.inflight, "queue_length": sum(e.pending for e in self.engines),
             "max_connections": self.max_connections, "at_capacity": self.at_capacity,
+            "pipes": bridge.pipes_in_use(), "max_pipes": self.max_pipes,
             "backends": backends, "totals": totals,
         }
 

@@ -326,7 +326,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_connections", ("--max-connections",), connection_count, 0,
             "client connections open at once; at the limit fastlb stops accepting and new "
             "clients wait in the listen backlog, as with HAProxy's maxconn (0: as many as the "
-            "open-file limit allows, two descriptors each)", "N"),
+            "open-file limit allows: two descriptors each, plus a splice pipe per four "
+            "connections, after fastlb's own, probes and the admin endpoint)", "N"),
     Setting("drain_timeout", ("--drain-timeout",), seconds, 30.0,
             "seconds in-flight connections may take to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("bind", ("--bind",), bind_address, "0.0.0.0",

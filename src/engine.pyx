@@ -350,22 +350,71 @@ cdef void _init_direction(Direction* d) noexcept nogil:
     d.pipe_w = -1
 
 
+# The splice pipes every engine of the process holds, against one budget
+# (set_pipe_budget): each pipe is two descriptors that --max-connections' two
+# per connection do not count, so an unbounded number of them would starve
+# accept, backend sockets and probes of descriptors at capacity.  Counted with
+# atomics: engines run in parallel without the GIL.
+cdef extern from *:
+    """
+    static long fastlb_pipes_in_use = 0;
+    static long fastlb_pipe_budget = 1L << 30;
+
+    static inline int fastlb_take_pipe(void) {
+        if (__atomic_add_fetch(&fastlb_pipes_in_use, 1, __ATOMIC_RELAXED)
+                > __atomic_load_n(&fastlb_pipe_budget, __ATOMIC_RELAXED)) {
+            __atomic_sub_fetch(&fastlb_pipes_in_use, 1, __ATOMIC_RELAXED);
+            return 0;
+        }
+        return 1;
+    }
+    static inline void fastlb_give_pipe(void) {
+        __atomic_sub_fetch(&fastlb_pipes_in_use, 1, __ATOMIC_RELAXED);
+    }
+    static inline long fastlb_pipes(void) {
+        return __atomic_load_n(&fastlb_pipes_in_use, __ATOMIC_RELAXED);
+    }
+    static inline void fastlb_set_pipe_budget(long n) {
+        __atomic_store_n(&fastlb_pipe_budget, n, __ATOMIC_RELAXED);
+    }
+    """
+    bint fastlb_take_pipe() nogil
+    void fastlb_give_pipe() nogil
+    long fastlb_pipes() nogil
+    void fastlb_set_pipe_budget(long n) nogil
+
+
+def set_pipe_budget(long pipes):
+    """At most this many splice pipes open at once in the process's engines (others copy)."""
+    fastlb_set_pipe_budget(pipes)
+
+
+def pipes_in_use():
+    """Splice pipes the process's engines hold now."""
+    return fastlb_pipes()
+
+
 cdef void _release_direction(Direction* d) noexcept nogil:
     free(d.buf)
     d.buf = NULL
     d.start = d.end = 0
     if d.pipe_size:
-        _close_fd(d.pipe_r)
-        _close_fd(d.pipe_w)
-        d.pipe_r = d.pipe_w = -1
-        d.pipe_size = d.in_pipe = 0
+        _stop_splice(d)
 
 
 cdef bint _start_splice(Direction* d) noexcept nogil:
-    """Give d a pipe so that it moves bytes with splice(2); copy_only when impossible."""
+    """Give d a pipe so that it moves bytes with splice(2); False (it copies) when impossible.
+
+    Out of pipe budget the direction copies for now and may splice later;
+    a pipe the kernel refuses makes it copy for good.
+    """
     cdef int fds[2]
-    cdef int size = open_splice_pipe(fds)
+    cdef int size
+    if not fastlb_take_pipe():
+        return False
+    size = open_splice_pipe(fds)
     if size < 0:
+        fastlb_give_pipe()
         d.copy_only = True   # copying still works
         return False
     d.pipe_r = fds[0]
@@ -380,6 +429,7 @@ cdef void _stop_splice(Direction* d) noexcept nogil:
     _close_fd(d.pipe_w)
     d.pipe_r = d.pipe_w = -1
     d.pipe_size = d.in_pipe = 0
+    fastlb_give_pipe()
 
 
 cdef void _capture_status(Conn* c, const unsigned char* data, Py_ssize_t n) noexcept nogil:

@@ -887,3 +887,66 @@ def test_bytes_read_from_a_backend_that_then_resets_all_reach_the_client(harness
         assert router.done[0][4] == "server_error" and router.done[0][2] == size
     finally:
         backend.close()
+
+
+class ParallelDownload(Download):
+    """A Download serving every connection in a thread of its own."""
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+
+    def _send(self, conn):
+        with conn:
+            conn.settimeout(30)
+            try:
+                conn.recv(100)
+                conn.sendall(self.head + self.body)
+            except OSError:
+                pass
+
+
+def test_splice_pipes_stay_within_the_budget_and_bulk_bytes_still_arrive(harness, engine_impl):
+    # Issue 11 item 2: pipes are two descriptors each, outside --max-connections'
+    # two per connection; beyond the budget a direction copies instead.
+    backend = ParallelDownload(4 << 20)
+    engine_impl.set_pipe_budget(1)
+    try:
+        h = harness(Router(backend.port), splice=True)
+        results, peak = [], [0]
+
+        def fetch():
+            with h.connect() as client:
+                client.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+                client.shutdown(socket.SHUT_WR)
+                results.append(recv_all(client, 30) == backend.head + backend.body)
+
+        fetchers = [threading.Thread(target=fetch) for _ in range(3)]
+        for fetcher in fetchers:
+            fetcher.start()
+        while any(f.is_alive() for f in fetchers):
+            peak[0] = max(peak[0], engine_impl.pipes_in_use())
+            time.sleep(0.001)
+        assert results == [True, True, True]
+        assert peak[0] <= 1
+        wait_until(lambda: engine_impl.pipes_in_use() == 0, 10, message="every pipe to be given back")
+    finally:
+        engine_impl.set_pipe_budget(1 << 30)
+        backend.close()
+
+
+def test_descriptor_budget_leaves_room_for_pipes_probes_and_the_admin_endpoint():
+    from fastlb.admin import ADMIN_MAX_CONNECTIONS
+    from fastlb.balancer import RESERVED_FDS, descriptor_budget
+
+    connections, pipes = descriptor_budget(20000, backends=2, admin=True)
+    assert 2 * connections + 2 * pipes + RESERVED_FDS + 2 * 2 + ADMIN_MAX_CONNECTIONS <= 20000
+    assert pipes == connections // 4
+    # An explicit --max-connections leaves pipes what is left, never more.
+    connections, pipes = descriptor_budget(20000, backends=2, admin=False, max_connections=9400)
+    assert connections == 9400 and 2 * 9400 + 2 * pipes + RESERVED_FDS + 4 <= 20000
+    assert descriptor_budget(64, backends=1, admin=False, max_connections=200) == (200, 0)

@@ -212,8 +212,9 @@ def test_a_round_that_finds_a_probe_running_waits_for_one_started_after_it(fault
     deadline = time.monotonic() + 5
     while not pool.round_applied(1) and time.monotonic() < deadline:
         checker._step(deadline)
+    # The first answer ends round 1 only; the follow-up probe (it may already
+    # have reached the backend) is what round 2 waits for.
     assert pool.round_applied(1) and not pool.round_applied(2)
-    assert len(slow.probe_times()) == 1
     while not pool.round_applied(2) and time.monotonic() < deadline:
         checker._step(deadline)
     assert pool.round_applied(2)
