@@ -64,9 +64,15 @@ DEFAULT_TIMEOUT = 30.0
 # Request line plus headers.  Real clients send well under 1 KiB; 16 KiB is
 # nginx's order of magnitude and bounds what a hostile client can make us hold.
 MAX_HEAD_BYTES = 16 * 1024
-# Big enough that a multi-MiB PUT costs a handful of system calls per MiB.
-COPY_CHUNK = 1024 * 1024
-READ_BUFFER = 64 * 1024
+# The most of a request body one connection holds at a time.  Each chunk is
+# allocated by the read that fills it and freed once written, so a body that
+# is announced but not sent costs nothing, and at --max-connections busy
+# uploads the bodies in flight stay under 64 MiB.  A MiB still costs only 16
+# recv/write pairs.
+COPY_CHUNK = 64 * 1024
+# The connection's read buffer: one request head of the largest size
+# accepted; body chunks are read around it, straight from the socket.
+READ_BUFFER = MAX_HEAD_BYTES
 # Files up to this size go out in the same send() as the header: one system
 # call and, with TCP_NODELAY, no extra small packet per response.
 SMALL_FILE = 64 * 1024
@@ -256,7 +262,6 @@ class _Connection:
         self.sock = sock
         self.peer = "%s:%s" % peer[:2]
         self.rfile = sock.makefile("rb", buffering=READ_BUFFER)
-        self.buffer: Optional[memoryview] = None  # for request bodies, made on first use
         self.body_left = 0           # bytes of the current request body not read yet
         self.continue_sent = False
         self.response_started = False
@@ -389,20 +394,20 @@ class _Connection:
 
     def receive_body(self, fd: Optional[int]) -> None:
         """Read the rest of the request body into file descriptor ``fd``, or drop it if None."""
-        if self.buffer is None and self.body_left:
-            self.buffer = memoryview(bytearray(COPY_CHUNK))
         while self.body_left:
             try:
-                count = self.rfile.readinto1(self.buffer[:min(self.body_left, COPY_CHUNK)])
+                # read1 returns what one recv brought (or what the read buffer
+                # already held), never more than a chunk, whatever the length announced.
+                data = self.rfile.read1(min(self.body_left, COPY_CHUNK))
             except OSError as exc:
                 raise ClientGone(exc) from exc
-            if not count:
+            if not data:
                 raise ClientGone("closed with %d body bytes missing" % self.body_left)
-            self.body_left -= count
+            self.body_left -= len(data)
             if fd is not None:
                 # os.write, not a buffered file: a full disk must fail here, as
                 # a 500, and not later in a flush that looks like a socket error.
-                chunk = self.buffer[:count]
+                chunk = memoryview(data)
                 try:
                     while chunk:
                         chunk = chunk[os.write(fd, chunk):]

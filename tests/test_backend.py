@@ -7,6 +7,7 @@ Every network wait has a timeout; waits poll until a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -28,6 +29,7 @@ from fastlb.backend import FileServer, HTTPError, read_request, resolve_path
 TIMEOUT = 10.0
 LISTENING = re.compile(r"fastlb-backend listening on 127\.0\.0\.1:(\d+) serving (.+)")
 MIB = 1024 * 1024
+KIB = 1024
 
 
 class Backend:
@@ -543,6 +545,44 @@ def test_idle_connections_are_closed_after_the_timeout(start_backend):
         assert read_response(reader)[0] == 200
         assert closed_by_peer(kept)
     assert "Traceback" not in backend.stderr()
+
+
+# --- bounds: connections, memory, time --------------------------------------------------------
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A number from /proc/PID/status: ``Threads``, or ``VmRSS`` in KiB."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def test_a_large_content_length_costs_a_bounded_buffer_not_its_size(start_backend, www):
+    backend = start_backend()
+    pid = backend.popen.pid
+    assert exchange(backend, b"PUT /warm HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nw")[0] == 201
+    rss_before = proc_status(pid, "VmRSS")
+    count = 64
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(backend.connect()) for _ in range(count)]
+        for number, sock in enumerate(socks):
+            # Announces a terabyte, sends nothing yet: no body buffer is due.
+            sock.sendall(b"PUT /upload-%d HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                         % (number, 1 << 40))
+        wait_until(lambda: len(list(www.glob(".upload-*.part"))) == count,
+                   message="every upload to have its temporary file")
+        for sock in socks:
+            sock.sendall(b"x")
+        wait_until(lambda: sorted(p.stat().st_size for p in www.glob(".upload-*.part")) == [1] * count,
+                   message="one body byte written for every upload")
+        rss = proc_status(pid, "VmRSS")
+    # Before the bound every body, however short, cost a zero-filled 1 MiB
+    # buffer: 64 MiB here.  Now a connection holds at most one copy chunk.
+    assert rss - rss_before < 16 * MIB // KIB, (rss_before, rss)
+    wait_until(lambda: not list(www.glob(".upload-*.part")), message="the abandoned uploads to be removed")
 
 
 # --- in-process API and parsing --------------------------------------------------------------
