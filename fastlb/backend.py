@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import logging
+import math
 import os
 import re
 import secrets
@@ -76,6 +78,13 @@ READ_BUFFER = MAX_HEAD_BYTES
 # Files up to this size go out in the same send() as the header: one system
 # call and, with TCP_NODELAY, no extra small packet per response.
 SMALL_FILE = 64 * 1024
+# After a grace of --timeout, a request body must keep arriving at this
+# average rate or the connection is cut: each byte received extends the body's
+# deadline by 1/MIN_BODY_RATE s.  500 bytes/s is Apache mod_reqtimeout's
+# default MinRate, slower than any real uplink, while a client trickling one
+# byte a second is cut soon after --timeout instead of holding its thread for
+# as many seconds as the Content-Length it announced.
+MIN_BODY_RATE = 500
 # How long an error answer waits for the client to stop sending before closing;
 # closing with unread input makes the kernel send a reset that can destroy the
 # answer before the client has read it.  Apache waits 2 s too.
@@ -254,6 +263,31 @@ def _file_error(exc: OSError) -> HTTPError:
     return HTTPError(500, str(exc))
 
 
+class _SocketReader(io.RawIOBase):
+    """The reading side of a client socket, as a raw stream whose reads stop at a deadline.
+
+    A recv waits at most ``timeout`` and never past ``deadline``: a per-recv
+    timeout alone lets a client that sends one byte just in time hold the
+    connection for ever.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        super().__init__()
+        self._sock = sock
+        self.timeout = timeout
+        self.deadline = math.inf  # time.monotonic() value
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        wait = min(self.timeout, self.deadline - time.monotonic())
+        if wait <= 0:
+            raise socket.timeout("deadline passed")
+        self._sock.settimeout(wait)
+        return self._sock.recv_into(buffer)
+
+
 class _Connection:
     """One client connection: answers its requests in turn until either side is done."""
 
@@ -261,7 +295,8 @@ class _Connection:
         self.server = server
         self.sock = sock
         self.peer = "%s:%s" % peer[:2]
-        self.rfile = sock.makefile("rb", buffering=READ_BUFFER)
+        self.reader = _SocketReader(sock, server.timeout)
+        self.rfile = io.BufferedReader(self.reader, READ_BUFFER)
         self.body_left = 0           # bytes of the current request body not read yet
         self.continue_sent = False
         self.response_started = False
@@ -269,7 +304,6 @@ class _Connection:
 
     def serve(self) -> None:
         try:
-            self.sock.settimeout(self.server.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while self.serve_one():
                 pass
@@ -284,6 +318,10 @@ class _Connection:
     def serve_one(self) -> bool:
         """Answer one request; True if the connection can carry another."""
         self.response_started = False
+        # The whole head is due within the timeout of the connection's
+        # acceptance or of its previous answer: an idle keep-alive connection
+        # and a trickling head are cut alike (nginx client_header_timeout).
+        self.reader.deadline = time.monotonic() + self.server.timeout
         try:
             request = read_request(self.rfile)
         except HTTPError as exc:
@@ -344,6 +382,7 @@ class _Connection:
             if request.method == "HEAD":
                 return keep
             try:
+                self.sock.settimeout(self.server.timeout)
                 sent = self.sock.sendfile(file, 0, size)
             except OSError as exc:
                 raise ClientGone(exc) from exc
@@ -394,6 +433,7 @@ class _Connection:
 
     def receive_body(self, fd: Optional[int]) -> None:
         """Read the rest of the request body into file descriptor ``fd``, or drop it if None."""
+        self.reader.deadline = time.monotonic() + self.server.timeout
         while self.body_left:
             try:
                 # read1 returns what one recv brought (or what the read buffer
@@ -404,6 +444,7 @@ class _Connection:
             if not data:
                 raise ClientGone("closed with %d body bytes missing" % self.body_left)
             self.body_left -= len(data)
+            self.reader.deadline += len(data) / MIN_BODY_RATE
             if fd is not None:
                 # os.write, not a buffered file: a full disk must fail here, as
                 # a 500, and not later in a flush that looks like a socket error.
@@ -460,6 +501,8 @@ class _Connection:
 
     def send(self, data: bytes) -> None:
         try:
+            # Reads leave the socket with whatever remained of their deadline.
+            self.sock.settimeout(self.server.timeout)
             self.sock.sendall(data)
         except OSError as exc:
             raise ClientGone(exc) from exc
@@ -627,7 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help="close a connection idle this long (default: %g)" % DEFAULT_TIMEOUT)
+                        help="close a connection whose request head takes longer than this to"
+                             " arrive, idle ones included, or whose body falls below %d bytes/s"
+                             " after this long (default: %g)" % (MIN_BODY_RATE, DEFAULT_TIMEOUT))
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true",
                            help="log every request to stderr")

@@ -560,6 +560,26 @@ def proc_status(pid: int, field: str) -> int:
     raise AssertionError("no %s in /proc/%d/status" % (field, pid))
 
 
+def trickle(sock: socket.socket, data: bytes, interval: float) -> int:
+    """Send ``data`` one byte per ``interval`` until the server closes; the bytes sent by then.
+
+    Fails if the server answers or keeps the connection open until all of ``data`` is sent.
+    Waiting for the close is the pacing: no sleep.
+    """
+    sock.settimeout(interval)
+    for sent in range(len(data)):
+        try:
+            sock.sendall(data[sent:sent + 1])
+            answer = sock.recv(1)
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return sent
+        assert answer == b"", "the server let a trickling client finish its request"
+        return sent + 1
+    raise AssertionError("the server kept a trickling client for all %d bytes" % len(data))
+
+
 def test_a_large_content_length_costs_a_bounded_buffer_not_its_size(start_backend, www):
     backend = start_backend()
     pid = backend.popen.pid
@@ -583,6 +603,29 @@ def test_a_large_content_length_costs_a_bounded_buffer_not_its_size(start_backen
     # buffer: 64 MiB here.  Now a connection holds at most one copy chunk.
     assert rss - rss_before < 16 * MIB // KIB, (rss_before, rss)
     wait_until(lambda: not list(www.glob(".upload-*.part")), message="the abandoned uploads to be removed")
+
+
+def test_a_trickling_head_is_cut_at_the_deadline(start_backend):
+    backend = start_backend("--timeout", "1")
+    head = b"GET /hello.txt HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
+    with backend.connect() as sock:
+        # One byte every 0.2 s beats a 1 s timeout per recv forever; the whole head is due in 1 s.
+        sent = trickle(sock, head, interval=0.2)
+    assert sent < len(head)
+    assert get(backend, "/hello.txt") == (200, b"hello\n")
+    assert "Traceback" not in backend.stderr()
+
+
+def test_a_trickling_body_is_cut_when_it_falls_below_the_minimum_rate(start_backend, www):
+    backend = start_backend("--timeout", "1")
+    body = b"b" * 60
+    with backend.connect() as sock:
+        sock.sendall(b"PUT /slow HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sent = trickle(sock, body, interval=0.2)
+    assert sent < len(body)
+    wait_until(lambda: not list(www.glob(".slow.*.part")), message="the cut upload to be removed")
+    assert get(backend, "/slow")[0] == 404
+    assert "Traceback" not in backend.stderr()
 
 
 # --- in-process API and parsing --------------------------------------------------------------
