@@ -560,6 +560,20 @@ def proc_status(pid: int, field: str) -> int:
     raise AssertionError("no %s in /proc/%d/status" % (field, pid))
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the listen backlog of 127.0.0.1:PORT, not accepted yet.
+
+    For a listening socket, /proc/net/tcp's rx_queue is the length of its accept queue.
+    """
+    local = "0100007F:%04X" % port
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("nothing listens on %s" % local)
+
+
 def trickle(sock: socket.socket, data: bytes, interval: float) -> int:
     """Send ``data`` one byte per ``interval`` until the server closes; the bytes sent by then.
 
@@ -578,6 +592,27 @@ def trickle(sock: socket.socket, data: bytes, interval: float) -> int:
         assert answer == b"", "the server let a trickling client finish its request"
         return sent + 1
     raise AssertionError("the server kept a trickling client for all %d bytes" % len(data))
+
+
+def test_connections_beyond_the_cap_wait_in_the_backlog_without_threads(start_backend):
+    backend = start_backend("--max-connections", "8")
+    pid = backend.popen.pid
+    assert get(backend, "/hello.txt")[0] == 200
+    wait_until(lambda: accept_queue(backend.port) == 0, message="the backlog to drain")
+    threads_before = proc_status(pid, "Threads")
+    rss_before = proc_status(pid, "VmRSS")
+    with contextlib.ExitStack() as stack:
+        for number in range(40):
+            sock = stack.enter_context(backend.connect())
+            if number % 2:
+                sock.sendall(b"GET /hello.txt HTTP/1.1\r\nHo")  # a head that never ends
+        wait_until(lambda: accept_queue(backend.port) == 32,
+                   message="32 of 40 connections left in the backlog by a cap of 8")
+        threads = proc_status(pid, "Threads")
+        rss = proc_status(pid, "VmRSS")
+    assert threads - threads_before <= 8, (threads_before, threads)
+    # A connection thread costs its stack's touched pages and a small read buffer.
+    assert rss - rss_before < 8 * MIB // KIB, (rss_before, rss)
 
 
 def test_a_large_content_length_costs_a_bounded_buffer_not_its_size(start_backend, www):
@@ -626,6 +661,32 @@ def test_a_trickling_body_is_cut_when_it_falls_below_the_minimum_rate(start_back
     wait_until(lambda: not list(www.glob(".slow.*.part")), message="the cut upload to be removed")
     assert get(backend, "/slow")[0] == 404
     assert "Traceback" not in backend.stderr()
+
+
+def test_a_client_beyond_the_cap_is_served_once_idle_ones_time_out(start_backend):
+    backend = start_backend("--max-connections", "2", "--timeout", "2")
+    with contextlib.ExitStack() as stack:
+        idle = [stack.enter_context(backend.connect()) for _ in range(2)]
+        with backend.connect() as client, client.makefile("rb") as reader:
+            client.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: accept_queue(backend.port) == 1,
+                       message="the client to wait in the backlog behind two idle connections")
+            assert read_response(reader)[::2] == (200, b"hello\n")  # within TIMEOUT, after about 2 s
+        for sock in idle:
+            assert closed_by_peer(sock)
+    assert "Traceback" not in backend.stderr()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many", "2.5"])
+def test_bad_max_connections_is_a_one_line_error(value):
+    result = subprocess.run([sys.executable, "-m", "fastlb.backend", "0", "--max-connections", value],
+                            cwd=str(ROOT), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastlb-backend: error: argument --max-connections: "), result.stderr
+    assert value in last
+    assert "Traceback" not in result.stderr
 
 
 # --- in-process API and parsing --------------------------------------------------------------
