@@ -4,7 +4,8 @@ fastlb routes each client to the backend reporting the fewest requests on
 ``GET /healthcheck``.  This module is such a backend, standard library only, so
 the demo, the tests and the benchmarks need nothing else installed::
 
-    python -m fastlb.backend PORT [--dir DIR] [--host 127.0.0.1] [--timeout 30] [--verbose]
+    python -m fastlb.backend PORT [--dir DIR] [--host 127.0.0.1] [--timeout 30]
+                             [--max-connections 1024] [--verbose]
 
 It serves the files of one directory:
 
@@ -20,14 +21,30 @@ Status codes follow the classic course server: 400 for a malformed request,
 501 for other methods, 500 for anything unexpected.  Connections are kept alive
 (HTTP/1.1) unless the client says ``Connection: close`` or speaks HTTP/1.0.
 
-Design: ``socketserver`` accepts and runs one daemon thread per connection;
+A hostile or broken client costs a bounded share of the server:
+
+- at most ``--max-connections`` (1024) connections are served at once; more
+  wait in the listen backlog (1024 more; the kernel drops the rest, and
+  clients retry) until a served one ends;
+- a request head must arrive whole within ``--timeout`` of the connection's
+  acceptance or of its previous answer, so an idle keep-alive connection and a
+  head trickled byte by byte are both closed, without an answer;
+- a request body, after a grace of ``--timeout``, must arrive at 500 bytes/s
+  on average, and no wait for it may last longer than ``--timeout``;
+- a connection holds at most a 16 KiB read buffer (one request head of the
+  largest size accepted) and one 64 KiB body chunk, allocated only when body
+  bytes arrive: an announced ``Content-Length`` costs nothing by itself.
+
+Design: one accept thread takes a connection only when fewer than
+``--max-connections`` are open, and starts a daemon thread per connection;
 ``_Connection`` speaks the protocol.  ``http.server`` is not used because its
 answers disagree with the contract (414, 431 and 505 where 400 is required,
 HTML error pages) and its error paths print tracebacks; overriding all of that
-is more code than the request parsing below.  The counters are the only state
-shared between connection threads and are guarded by ``FileServer._lock``.
-Parsing (``read_request``, ``resolve_path``) is plain functions, testable
-without sockets.
+is more code than the request parsing below.  The counters and the set of open
+connections are the only state shared between threads and are guarded by
+``FileServer._lock``; a connection that ends signals ``FileServer._slot_freed``
+to the accept thread.  Parsing (``read_request``, ``resolve_path``) is plain
+functions, testable without sockets.
 
 In-process use::
 
@@ -39,13 +56,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import logging
+import math
 import os
 import re
 import secrets
+import select
 import signal
 import socket
-import socketserver
 import stat
 import sys
 import threading
@@ -61,21 +80,48 @@ log = logging.getLogger("fastlb.backend")
 
 HEALTHCHECK_PATH = "/healthcheck"
 DEFAULT_TIMEOUT = 30.0
+# Connections served at once, each by a thread of its own; beyond the cap new
+# connections wait in the listen backlog, as with nginx's worker_connections
+# and gunicorn's --worker-connections (default 1000).  A connection costs
+# about 25 KiB of thread stack and bookkeeping, a read buffer and at most one
+# body chunk, so 1024 of them stay near 100 MiB; and up to two descriptors
+# (socket, file): under a soft open-file limit of 1024 accept() fails first,
+# which pauses accepting (ACCEPT_RETRY_SECONDS) rather than the server.
+DEFAULT_MAX_CONNECTIONS = 1024
 # Request line plus headers.  Real clients send well under 1 KiB; 16 KiB is
 # nginx's order of magnitude and bounds what a hostile client can make us hold.
 MAX_HEAD_BYTES = 16 * 1024
-# Big enough that a multi-MiB PUT costs a handful of system calls per MiB.
-COPY_CHUNK = 1024 * 1024
-READ_BUFFER = 64 * 1024
+# The most of a request body one connection holds at a time.  Each chunk is
+# allocated by the read that fills it and freed once written, so a body that
+# is announced but not sent costs nothing, and at --max-connections busy
+# uploads the bodies in flight stay under 64 MiB.  A MiB still costs only 16
+# recv/write pairs.
+COPY_CHUNK = 64 * 1024
+# The connection's read buffer: one request head of the largest size
+# accepted; body chunks are read around it, straight from the socket.
+READ_BUFFER = MAX_HEAD_BYTES
 # Files up to this size go out in the same send() as the header: one system
 # call and, with TCP_NODELAY, no extra small packet per response.
 SMALL_FILE = 64 * 1024
+# After a grace of --timeout, a request body must keep arriving at this
+# average rate or the connection is cut: each byte received extends the body's
+# deadline by 1/MIN_BODY_RATE s.  500 bytes/s is Apache mod_reqtimeout's
+# default MinRate, slower than any real uplink, while a client trickling one
+# byte a second is cut soon after --timeout instead of holding its thread for
+# as many seconds as the Content-Length it announced.
+MIN_BODY_RATE = 500
 # How long an error answer waits for the client to stop sending before closing;
 # closing with unread input makes the kernel send a reset that can destroy the
 # answer before the client has read it.  Apache waits 2 s too.
 LINGER_SECONDS = 2.0
-# The default backlog of 5 drops connections under benchmark load.
+# The default backlog of 5 drops connections under benchmark load.  It is
+# also where connections beyond --max-connections wait; the kernel drops
+# further attempts, which clients retry.
 LISTEN_BACKLOG = 1024
+# How long accepting pauses after accept() failed for want of descriptors or
+# memory, instead of spinning on a listener that stays readable (nginx waits
+# 500 ms too).  Connections ending meanwhile give the resources back.
+ACCEPT_RETRY_SECONDS = 0.5
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
@@ -248,6 +294,31 @@ def _file_error(exc: OSError) -> HTTPError:
     return HTTPError(500, str(exc))
 
 
+class _SocketReader(io.RawIOBase):
+    """The reading side of a client socket, as a raw stream whose reads stop at a deadline.
+
+    A recv waits at most ``timeout`` and never past ``deadline``: a per-recv
+    timeout alone lets a client that sends one byte just in time hold the
+    connection for ever.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float):
+        super().__init__()
+        self._sock = sock
+        self.timeout = timeout
+        self.deadline = math.inf  # time.monotonic() value
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        wait = min(self.timeout, self.deadline - time.monotonic())
+        if wait <= 0:
+            raise socket.timeout("deadline passed")
+        self._sock.settimeout(wait)
+        return self._sock.recv_into(buffer)
+
+
 class _Connection:
     """One client connection: answers its requests in turn until either side is done."""
 
@@ -255,8 +326,8 @@ class _Connection:
         self.server = server
         self.sock = sock
         self.peer = "%s:%s" % peer[:2]
-        self.rfile = sock.makefile("rb", buffering=READ_BUFFER)
-        self.buffer: Optional[memoryview] = None  # for request bodies, made on first use
+        self.reader = _SocketReader(sock, server.timeout)
+        self.rfile = io.BufferedReader(self.reader, READ_BUFFER)
         self.body_left = 0           # bytes of the current request body not read yet
         self.continue_sent = False
         self.response_started = False
@@ -264,7 +335,6 @@ class _Connection:
 
     def serve(self) -> None:
         try:
-            self.sock.settimeout(self.server.timeout)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while self.serve_one():
                 pass
@@ -279,6 +349,10 @@ class _Connection:
     def serve_one(self) -> bool:
         """Answer one request; True if the connection can carry another."""
         self.response_started = False
+        # The whole head is due within the timeout of the connection's
+        # acceptance or of its previous answer: an idle keep-alive connection
+        # and a trickling head are cut alike (nginx client_header_timeout).
+        self.reader.deadline = time.monotonic() + self.server.timeout
         try:
             request = read_request(self.rfile)
         except HTTPError as exc:
@@ -339,6 +413,7 @@ class _Connection:
             if request.method == "HEAD":
                 return keep
             try:
+                self.sock.settimeout(self.server.timeout)
                 sent = self.sock.sendfile(file, 0, size)
             except OSError as exc:
                 raise ClientGone(exc) from exc
@@ -389,20 +464,22 @@ class _Connection:
 
     def receive_body(self, fd: Optional[int]) -> None:
         """Read the rest of the request body into file descriptor ``fd``, or drop it if None."""
-        if self.buffer is None and self.body_left:
-            self.buffer = memoryview(bytearray(COPY_CHUNK))
+        self.reader.deadline = time.monotonic() + self.server.timeout
         while self.body_left:
             try:
-                count = self.rfile.readinto1(self.buffer[:min(self.body_left, COPY_CHUNK)])
+                # read1 returns what one recv brought (or what the read buffer
+                # already held), never more than a chunk, whatever the length announced.
+                data = self.rfile.read1(min(self.body_left, COPY_CHUNK))
             except OSError as exc:
                 raise ClientGone(exc) from exc
-            if not count:
+            if not data:
                 raise ClientGone("closed with %d body bytes missing" % self.body_left)
-            self.body_left -= count
+            self.body_left -= len(data)
+            self.reader.deadline += len(data) / MIN_BODY_RATE
             if fd is not None:
                 # os.write, not a buffered file: a full disk must fail here, as
                 # a 500, and not later in a flush that looks like a socket error.
-                chunk = self.buffer[:count]
+                chunk = memoryview(data)
                 try:
                     while chunk:
                         chunk = chunk[os.write(fd, chunk):]
@@ -455,6 +532,8 @@ class _Connection:
 
     def send(self, data: bytes) -> None:
         try:
+            # Reads leave the socket with whatever remained of their deadline.
+            self.sock.settimeout(self.server.timeout)
             self.sock.sendall(data)
         except OSError as exc:
             raise ClientGone(exc) from exc
@@ -475,49 +554,37 @@ class _Connection:
             pass
 
 
-class _Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """Accepts connections and hands each to a daemon thread running ``_Connection``."""
-
-    allow_reuse_address = True
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = LISTEN_BACKLOG
-
-    def __init__(self, address: tuple, owner: FileServer):
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.owner = owner
-        super().__init__(address, None)  # no handler class: finish_request does the work
-
-    def finish_request(self, request, client_address) -> None:
-        self.owner.serve_connection(request, client_address)
-
-    def handle_error(self, request, client_address) -> None:
-        # Only a bug gets here (client failures are handled in _Connection), so keep the traceback.
-        log.exception("unexpected error on the connection from %s", client_address)
-
-
 class FileServer:
     """Serve one directory over HTTP/1.1 from background threads.
 
     ``start()`` binds and starts accepting (OSError if the address is taken);
     ``stop()`` stops accepting and cuts the open connections.  Usable as a
     context manager.  ``entries`` and ``errors`` are what ``/healthcheck`` reports.
+    At most ``max_connections`` connections are served at once; more wait in
+    the listen backlog until one ends.
     """
 
     def __init__(self, directory: str = ".", port: int = 0, host: str = "127.0.0.1",
-                 timeout: float = DEFAULT_TIMEOUT, log_requests: bool = False):
+                 timeout: float = DEFAULT_TIMEOUT, log_requests: bool = False,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS):
         self.root = os.path.realpath(directory)
         if not os.path.isdir(self.root):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", directory)
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1, not %d" % max_connections)
         self.host = host
         self.timeout = timeout
         self.log_requests = log_requests
+        self.max_connections = max_connections
         self._port = port
-        self._lock = threading.Lock()  # guards the four fields below
+        self._lock = threading.Lock()  # guards _entries, _errors, _sockets, _stopping
+        self._slot_freed = threading.Condition(self._lock)  # a connection left _sockets, or stopping
         self._entries = 0
         self._errors = 0
-        self._sockets: set = set()     # open client connections, cut by stop()
-        self._listener: Optional[_Listener] = None
+        self._sockets: set = set()     # open client connections, at most max_connections; cut by stop()
+        self._stopping = False
+        self._listener: Optional[socket.socket] = None
+        self._wakeup: tuple = ()       # a socket pair: stop() writes to [1] to end the accept loop
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -550,20 +617,38 @@ class FileServer:
     def start(self) -> FileServer:
         if self._listener is not None:
             raise RuntimeError("FileServer already started")
-        self._listener = _Listener((self.host, self._port), self)
-        self._port = self._listener.server_address[1]
-        self._thread = threading.Thread(target=self._listener.serve_forever, daemon=True,
-                                        name="fastlb-backend:%d" % self._port)
+        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host, self._port))
+            listener.listen(LISTEN_BACKLOG)
+            # Non-blocking: a connection reset between poll() and accept()
+            # must not leave the accept loop blocked where stop() cannot wake it.
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._port = listener.getsockname()[1]
+        self._wakeup = socket.socketpair()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._accept_loop, args=(listener, self._wakeup[0]),
+                                        daemon=True, name="fastlb-backend:%d" % self._port)
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is None:
-            return
-        listener.shutdown()
-        listener.server_close()
+        with self._lock:
+            listener, self._listener = self._listener, None
+            if listener is None:
+                return
+            self._stopping = True
+            self._slot_freed.notify_all()
+        self._wakeup[1].send(b"\0")
         self._thread.join()
+        listener.close()  # connections still in the backlog are reset
+        for end in self._wakeup:
+            end.close()
         with self._lock:
             sockets = list(self._sockets)
         for sock in sockets:
@@ -573,15 +658,61 @@ class FileServer:
             except OSError:
                 pass
 
+    def _accept_loop(self, listener: socket.socket, wakeup: socket.socket) -> None:
+        """Accept connections while fewer than max_connections are open (the accept thread)."""
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
+        poller.register(wakeup, select.POLLIN)
+        stop_poller = select.poll()  # poll, not select: descriptors may exceed FD_SETSIZE
+        stop_poller.register(wakeup, select.POLLIN)
+        while True:
+            with self._lock:
+                # At the cap, stop accepting: new connections wait in the
+                # listen backlog rather than costing a thread each.
+                while len(self._sockets) >= self.max_connections and not self._stopping:
+                    self._slot_freed.wait()
+                if self._stopping:
+                    return
+            if any(fd == wakeup.fileno() for fd, _ in poller.poll()):
+                return
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue  # gone before it was accepted
+            except OSError as exc:
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the listener stays readable,
+                # so retrying at once would spin.
+                log.warning("cannot accept connections for now: %s", exc)
+                if stop_poller.poll(ACCEPT_RETRY_SECONDS * 1000):
+                    return
+                continue
+            with self._lock:
+                self._sockets.add(sock)
+            try:
+                threading.Thread(target=self.serve_connection, args=(sock, peer), daemon=True,
+                                 name="fastlb-backend:%d %s:%s" % (self._port, *peer[:2])).start()
+            except RuntimeError as exc:  # no thread to be had: this connection is refused
+                log.warning("cannot serve the connection from %s:%s: %s", *peer[:2], exc)
+                self._forget(sock)
+
     def serve_connection(self, sock: socket.socket, peer: tuple) -> None:
         """Answer requests on one accepted connection until it ends (runs in its own thread)."""
-        with self._lock:
-            self._sockets.add(sock)
         try:
             _Connection(self, sock, peer).serve()
+        except Exception:
+            # Only a bug gets here (client failures are handled in _Connection), so keep the traceback.
+            log.exception("unexpected error on the connection from %s:%s", *peer[:2])
         finally:
-            with self._lock:
-                self._sockets.discard(sock)
+            self._forget(sock)
+
+    def _forget(self, sock: socket.socket) -> None:
+        """Close an accepted connection and give its slot back."""
+        with self._lock:
+            self._sockets.discard(sock)
+            # Closed under the lock, so that the cap counts descriptors too;
+            # closing a TCP socket without SO_LINGER never blocks.
+            sock.close()
+            self._slot_freed.notify()
 
     def __enter__(self) -> FileServer:
         return self.start()
@@ -597,6 +728,16 @@ def _port_number(text: str) -> int:
         raise argparse.ArgumentTypeError("invalid port %r" % text) from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("port %d is outside 0..65535" % value)
+    return value
+
+
+def _connection_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("invalid number of connections %r" % text) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, not %d" % value)
     return value
 
 
@@ -622,7 +763,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help="close a connection idle this long (default: %g)" % DEFAULT_TIMEOUT)
+                        help="close a connection whose request head takes longer than this to"
+                             " arrive, idle ones included, or whose body falls below %d bytes/s"
+                             " after this long (default: %g)" % (MIN_BODY_RATE, DEFAULT_TIMEOUT))
+    parser.add_argument("--max-connections", type=_connection_count, default=DEFAULT_MAX_CONNECTIONS,
+                        metavar="N",
+                        help="serve at most N connections at once; more wait in the listen backlog"
+                             " until one ends (default: %d)" % DEFAULT_MAX_CONNECTIONS)
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true",
                            help="log every request to stderr")
@@ -639,7 +786,8 @@ def main(argv: Optional[list] = None) -> int:
         parser.error("--dir %s is not a directory" % args.dir)
     logging.basicConfig(stream=sys.stderr, format="fastlb-backend: %(message)s",
                         level=logging.INFO if args.verbose else logging.WARNING)
-    server = FileServer(args.dir, args.port, args.host, args.timeout, log_requests=args.verbose)
+    server = FileServer(args.dir, args.port, args.host, args.timeout, log_requests=args.verbose,
+                        max_connections=args.max_connections)
     # Block the stop signals before any thread exists: every thread inherits
     # the mask and only sigwait() below receives them, so no handler or
     # KeyboardInterrupt ever fires in the middle of a request.

@@ -7,6 +7,7 @@ Every network wait has a timeout; waits poll until a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import io
@@ -28,6 +29,7 @@ from fastlb.backend import FileServer, HTTPError, read_request, resolve_path
 TIMEOUT = 10.0
 LISTENING = re.compile(r"fastlb-backend listening on 127\.0\.0\.1:(\d+) serving (.+)")
 MIB = 1024 * 1024
+KIB = 1024
 
 
 class Backend:
@@ -543,6 +545,148 @@ def test_idle_connections_are_closed_after_the_timeout(start_backend):
         assert read_response(reader)[0] == 200
         assert closed_by_peer(kept)
     assert "Traceback" not in backend.stderr()
+
+
+# --- bounds: connections, memory, time --------------------------------------------------------
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A number from /proc/PID/status: ``Threads``, or ``VmRSS`` in KiB."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+    raise AssertionError("no %s in /proc/%d/status" % (field, pid))
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the listen backlog of 127.0.0.1:PORT, not accepted yet.
+
+    For a listening socket, /proc/net/tcp's rx_queue is the length of its accept queue.
+    """
+    local = "0100007F:%04X" % port
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError("nothing listens on %s" % local)
+
+
+def trickle(sock: socket.socket, data: bytes, interval: float) -> int:
+    """Send ``data`` one byte per ``interval`` until the server closes; the bytes sent by then.
+
+    Fails if the server answers or keeps the connection open until all of ``data`` is sent.
+    Waiting for the close is the pacing: no sleep.
+    """
+    sock.settimeout(interval)
+    for sent in range(len(data)):
+        try:
+            sock.sendall(data[sent:sent + 1])
+            answer = sock.recv(1)
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return sent
+        assert answer == b"", "the server let a trickling client finish its request"
+        return sent + 1
+    raise AssertionError("the server kept a trickling client for all %d bytes" % len(data))
+
+
+def test_connections_beyond_the_cap_wait_in_the_backlog_without_threads(start_backend):
+    backend = start_backend("--max-connections", "8")
+    pid = backend.popen.pid
+    assert get(backend, "/hello.txt")[0] == 200
+    wait_until(lambda: accept_queue(backend.port) == 0, message="the backlog to drain")
+    threads_before = proc_status(pid, "Threads")
+    rss_before = proc_status(pid, "VmRSS")
+    with contextlib.ExitStack() as stack:
+        for number in range(40):
+            sock = stack.enter_context(backend.connect())
+            if number % 2:
+                sock.sendall(b"GET /hello.txt HTTP/1.1\r\nHo")  # a head that never ends
+        wait_until(lambda: accept_queue(backend.port) == 32,
+                   message="32 of 40 connections left in the backlog by a cap of 8")
+        threads = proc_status(pid, "Threads")
+        rss = proc_status(pid, "VmRSS")
+    assert threads - threads_before <= 8, (threads_before, threads)
+    # A connection thread costs its stack's touched pages and a small read buffer.
+    assert rss - rss_before < 8 * MIB // KIB, (rss_before, rss)
+
+
+def test_a_large_content_length_costs_a_bounded_buffer_not_its_size(start_backend, www):
+    backend = start_backend()
+    pid = backend.popen.pid
+    assert exchange(backend, b"PUT /warm HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nw")[0] == 201
+    rss_before = proc_status(pid, "VmRSS")
+    count = 64
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(backend.connect()) for _ in range(count)]
+        for number, sock in enumerate(socks):
+            # Announces a terabyte, sends nothing yet: no body buffer is due.
+            sock.sendall(b"PUT /upload-%d HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                         % (number, 1 << 40))
+        wait_until(lambda: len(list(www.glob(".upload-*.part"))) == count,
+                   message="every upload to have its temporary file")
+        for sock in socks:
+            sock.sendall(b"x")
+        wait_until(lambda: sorted(p.stat().st_size for p in www.glob(".upload-*.part")) == [1] * count,
+                   message="one body byte written for every upload")
+        rss = proc_status(pid, "VmRSS")
+    # Before the bound every body, however short, cost a zero-filled 1 MiB
+    # buffer: 64 MiB here.  Now a connection holds at most one copy chunk.
+    assert rss - rss_before < 16 * MIB // KIB, (rss_before, rss)
+    wait_until(lambda: not list(www.glob(".upload-*.part")), message="the abandoned uploads to be removed")
+
+
+def test_a_trickling_head_is_cut_at_the_deadline(start_backend):
+    backend = start_backend("--timeout", "1")
+    head = b"GET /hello.txt HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
+    with backend.connect() as sock:
+        # One byte every 0.2 s beats a 1 s timeout per recv forever; the whole head is due in 1 s.
+        sent = trickle(sock, head, interval=0.2)
+    assert sent < len(head)
+    assert get(backend, "/hello.txt") == (200, b"hello\n")
+    assert "Traceback" not in backend.stderr()
+
+
+def test_a_trickling_body_is_cut_when_it_falls_below_the_minimum_rate(start_backend, www):
+    backend = start_backend("--timeout", "1")
+    body = b"b" * 60
+    with backend.connect() as sock:
+        sock.sendall(b"PUT /slow HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sent = trickle(sock, body, interval=0.2)
+    assert sent < len(body)
+    wait_until(lambda: not list(www.glob(".slow.*.part")), message="the cut upload to be removed")
+    assert get(backend, "/slow")[0] == 404
+    assert "Traceback" not in backend.stderr()
+
+
+def test_a_client_beyond_the_cap_is_served_once_idle_ones_time_out(start_backend):
+    backend = start_backend("--max-connections", "2", "--timeout", "2")
+    with contextlib.ExitStack() as stack:
+        idle = [stack.enter_context(backend.connect()) for _ in range(2)]
+        with backend.connect() as client, client.makefile("rb") as reader:
+            client.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: accept_queue(backend.port) == 1,
+                       message="the client to wait in the backlog behind two idle connections")
+            assert read_response(reader)[::2] == (200, b"hello\n")  # within TIMEOUT, after about 2 s
+        for sock in idle:
+            assert closed_by_peer(sock)
+    assert "Traceback" not in backend.stderr()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "many", "2.5"])
+def test_bad_max_connections_is_a_one_line_error(value):
+    result = subprocess.run([sys.executable, "-m", "fastlb.backend", "0", "--max-connections", value],
+                            cwd=str(ROOT), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fastlb-backend: error: argument --max-connections: "), result.stderr
+    assert value in last
+    assert "Traceback" not in result.stderr
 
 
 # --- in-process API and parsing --------------------------------------------------------------
