@@ -160,7 +160,9 @@ class Backends:
             self.kind = "fastlb-backend"
             for port in self.ports:
                 self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "fastlb.backend", str(port), "--dir", str(self.dir)],
+                    # c10000 puts ~5,000 keep-alive connections on each backend.
+                    [sys.executable, "-m", "fastlb.backend", str(port), "--dir", str(self.dir),
+                     "--max-connections", "6000"],
                     stderr=subprocess.DEVNULL, env=_env()))
         for port in self.ports:
             wait_port(port)
