@@ -27,7 +27,7 @@ Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
   when both directions have, or on an error.
 - Timeouts are checked every ``TICK`` seconds against one deadline per
   connection (cheap: a float per event, one pass over the connections per tick).
-- The router (``fastlb.balancer.Router``) is the only way back into fastlb:
+- The router (the ``fastlb.router.Router`` protocol) is the only way back into fastlb:
   ``choose(tried, ticket, addr, source)`` (``source``: the client's ``(ip,
   port)`` from an accepted PROXY header, else None) returns a route ``(token,
   family, ip, port, send_proxy)``, None (nothing usable: the client gets the
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import os
 import select
 import selectors
 import socket
@@ -57,6 +58,12 @@ from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, build_proxy_
                                parse_proxy_header, parse_status_line)
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.waker import Waker
+
+__all__ = [
+    "ACCEPT_BATCH", "BUFFER_LIMIT", "LINGER_BYTES", "LINGER_SECONDS", "READ_SIZE", "REPLAY_LIMIT",
+    "RESPONSE_500", "ROUTE_WAIT", "TICK", "Engine", "accept_batch", "pipes_in_use",
+    "set_pipe_budget",
+]
 
 # One recv per readable event.  64 KiB matches the loopback socket buffer
 # granularity; the Python twin pays per call, so fewer, larger reads win.
@@ -112,8 +119,10 @@ def pipes_in_use() -> int:
 def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACCEPT_BATCH) -> list:
     """Wait for clients on the non-blocking ``listener`` and accept up to ``limit`` of them.
 
-    Returns ``[(client, addr), ...]`` (``client`` a socket for ``Engine.add``;
-    the caller owns it until then).  Returns an empty list as soon as
+    Returns ``[(client, addr), ...]``: ``client`` is a non-blocking,
+    close-on-exec descriptor for ``Engine.add`` (the caller owns it until
+    then), ``addr`` the peer as ``socket.accept`` gives it, exactly as the
+    compiled twin returns them.  Returns an empty list as soon as
     ``waker`` is readable (it is not read) or a signal interrupted the wait.
     An accept error other than "try again" is raised as OSError, unless
     clients were accepted before it: those are returned, and the error comes
@@ -131,7 +140,8 @@ def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACC
     batch: list = []
     while len(batch) < min(limit, ACCEPT_BATCH):
         try:
-            batch.append(listener.accept())
+            # The descriptor itself, as accept4 gives it (close-on-exec), not a socket object.
+            fd, addr = listener._accept()
         except (BlockingIOError, InterruptedError):
             break
         except ConnectionAbortedError:
@@ -140,6 +150,8 @@ def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACC
             if batch:
                 break
             raise
+        os.set_blocking(fd, False)
+        batch.append((fd, addr))
     return batch
 
 
@@ -208,11 +220,14 @@ class Engine:
 
     # -- any thread ------------------------------------------------------------------
 
-    def add(self, client: socket.socket, addr=None, ticket=None) -> None:
-        """Hand a freshly accepted client socket to this engine, which now owns it.
+    def add(self, client, addr=None, ticket=None) -> None:
+        """Hand a freshly accepted client to this engine, which now owns it.
 
+        ``client`` is a descriptor from ``accept_batch`` or a socket object.
         ``ticket`` is passed to ``router.choose`` as is (None: route at once).
         """
+        if not isinstance(client, socket.socket):
+            client = socket.socket(fileno=client)
         self.added += 1
         if self._finished:
             client.close()

@@ -11,8 +11,9 @@ Who runs where:
 - ``threads`` worker threads each run one relay engine (``fastlb.bridge.Engine``,
   an event loop that owns many connections at once: waits for the client's
   first byte, routes, connects without blocking, relays, closes);
-- engines reach the backend table only through ``Router``: choosing a backend,
-  reporting a failed connect, reporting a finished connection;
+- engines reach the backend table only through ``PoolRouter`` (the
+  ``fastlb.router.Router`` protocol): choosing a backend, reporting a failed
+  connect or a replay, reporting a finished connection;
 - the health-check thread (``fastlb.health``) runs probe rounds, and wakes the
   engines when a round has been applied (connections parked for fresh figures).
 Shared state is the backend table (``BackendPool``, one lock).  A client socket
@@ -38,6 +39,7 @@ from fastlb.admin import ADMIN_MAX_CONNECTIONS, AdminServer
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
+from fastlb.router import Router
 from fastlb.settings import default_balance
 from fastlb.waker import Waker
 
@@ -112,8 +114,8 @@ class Client:
         self.source = None            # the client's address from an accepted PROXY header
 
 
-class Router:
-    """What a relay engine may ask of fastlb (see ``fastlb._engine_py``)."""
+class PoolRouter:
+    """The ``fastlb.router.Router`` of a balancer: routes over its backend table."""
 
     def __init__(self, balancer: "Balancer"):
         self.balancer = balancer
@@ -186,7 +188,7 @@ class Balancer:
         self.max_connections, self.max_pipes = descriptor_budget(
             self.fd_limit, len(config.backends), bool(config.admin), config.max_connections)
         bridge.set_pipe_budget(self.max_pipes)
-        self.router = Router(self)
+        self.router: Router = PoolRouter(self)
         # Read by other threads (accept loop, admin); replaced, never changed in place.
         self.engines: list = [self._new_engine() for _ in range(config.threads)]
         # True while the accept loop waits for a connection to close
@@ -436,7 +438,7 @@ class Balancer:
                     "answering 503", self.config.max_queue)
         # Under overload the answer must cost nothing: no lingering, and a
         # client whose buffer is full simply misses it.
-        conn = client if isinstance(client, socket.socket) else socket.socket(fileno=client)
+        conn = socket.socket(fileno=client)    # accept_batch gives descriptors
         try:
             conn.setblocking(False)
             conn.send(RESPONSE_503)
@@ -531,11 +533,8 @@ def _load(engine) -> int:
     return engine.active
 
 
-def _close_client(client) -> None:
+def _close_client(fd: int) -> None:
     try:
-        if isinstance(client, socket.socket):
-            client.close()
-        else:
-            os.close(client)
+        os.close(fd)
     except OSError:
         pass

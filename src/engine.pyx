@@ -137,6 +137,12 @@ cdef double C_ROUTE_WAIT = 0.25
 # the client's unread request cannot turn our close into a RST.
 cdef double C_LINGER_SECONDS = 1.0
 
+__all__ = [
+    "ACCEPT_BATCH", "BUFFER_LIMIT", "LINGER_BYTES", "LINGER_SECONDS", "READ_SIZE", "REPLAY_LIMIT",
+    "RESPONSE_500", "ROUTE_WAIT", "TICK", "Engine", "accept_batch", "pipes_in_use",
+    "set_pipe_budget",
+]
+
 REPLAY_LIMIT = C_REPLAY_LIMIT
 TICK = C_TICK
 ROUTE_WAIT = C_ROUTE_WAIT

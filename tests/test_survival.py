@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 
-import pytest
 
 from conftest import free_port, http_get, status_of, wait_until
 from faults import FaultServer
