@@ -74,6 +74,8 @@ from http import HTTPStatus
 from typing import BinaryIO, Optional
 from urllib.parse import unquote_to_bytes
 
+from fastlb.settings import argparse_type, at_least_one, port_or_zero, seconds
+
 __all__ = ["FileServer", "HTTPError", "Request", "main", "read_request", "resolve_path"]
 
 log = logging.getLogger("fastlb.backend")
@@ -721,52 +723,22 @@ class FileServer:
         self.stop()
 
 
-def _port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid port %r" % text) from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("port %d is outside 0..65535" % value)
-    return value
-
-
-def _connection_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid number of connections %r" % text) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, not %d" % value)
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid number of seconds %r" % text) from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("timeout must be positive, not %s" % text)
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastlb-backend",
         description="Serve a directory over HTTP/1.1 (GET, HEAD, PUT) with a fastlb /healthcheck.",
     )
-    parser.add_argument("port", type=_port_number, metavar="PORT",
+    parser.add_argument("port", type=argparse_type(port_or_zero), metavar="PORT",
                         help="TCP port to listen on; 0 picks a free one (the start-up line shows it)")
     parser.add_argument("--dir", default=".", metavar="DIR",
                         help="directory to serve (default: the current directory)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=argparse_type(seconds), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="close a connection whose request head takes longer than this to"
                              " arrive, idle ones included, or whose body falls below %d bytes/s"
                              " after this long (default: %g)" % (MIN_BODY_RATE, DEFAULT_TIMEOUT))
-    parser.add_argument("--max-connections", type=_connection_count, default=DEFAULT_MAX_CONNECTIONS,
+    parser.add_argument("--max-connections", type=argparse_type(at_least_one), default=DEFAULT_MAX_CONNECTIONS,
                         metavar="N",
                         help="serve at most N connections at once; more wait in the listen backlog"
                              " until one ends (default: %d)" % DEFAULT_MAX_CONNECTIONS)

@@ -28,10 +28,11 @@ import logging
 import os
 import resource
 import select
+import signal
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
@@ -40,7 +41,7 @@ from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
 from fastlb.router import Router
-from fastlb.settings import default_balance
+from fastlb.settings import SETTINGS, SettingError, default_balance
 from fastlb.waker import Waker
 
 log = logging.getLogger("fastlb")
@@ -179,6 +180,12 @@ class Balancer:
         self.listener: Optional[socket.socket] = None
         self.port = config.port
         self._stopping = threading.Event()
+        # Signals recorded by signal_received, acted on by the accept loop.
+        self._signals: list[int] = []
+        self._term_seen = False
+        # What SIGHUP re-reads (the CLI sets it with --config); None: nothing.
+        self.config_source: Optional[Callable[[], object]] = None
+        self._reload_lock = threading.Lock()
         # Wakes the accept loop: stop(), and Python's C-level signal handler
         # when the CLI makes it the wakeup fd (a signal may be delivered to
         # any thread, and only this one runs the Python handlers).
@@ -330,6 +337,56 @@ class Balancer:
             self.pool.round_listeners = [w for w in self.pool.round_listeners if w != engine.wake]
             self._start_worker(fresh, name)
 
+    # -- signals: the handler records, the accept loop acts (gunicorn's Arbiter) -------
+
+    def signal_received(self, signum: int, frame: object = None) -> None:
+        """The signal handler: record the signal and wake the accept loop, which acts on it.
+
+        Only a second SIGTERM or SIGINT is acted on here, at once: the
+        operator insists, even while the first one's drain is under way.
+        """
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self._term_seen:
+                os.write(2, b"fastlb: second signal, exiting at once\n")
+                os._exit(1)
+            self._term_seen = True
+        self._signals.append(signum)
+        self._waker.wake()
+
+    def _handle_signals(self) -> None:
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum == signal.SIGHUP:
+                self.handle_hup()
+            else:
+                self.handle_term(signum)
+
+    def handle_term(self, signum: int) -> None:
+        log.info("%s received: no longer accepting, draining (send it again to exit at once)",
+                 signal.Signals(signum).name)
+        self.stop()
+
+    def handle_hup(self) -> None:
+        """Reload in a thread of its own: re-reading the file and resolving names must not stall accepting."""
+        threading.Thread(target=self._reload_from_source, name="fastlb-reload", daemon=True).start()
+
+    def _reload_from_source(self) -> None:
+        try:
+            with self._reload_lock:
+                if self.config_source is None:
+                    log.warning("SIGHUP: no --config file to re-read; reopening the access log only")
+                    if self.access_log:
+                        self.access_log.reopen()
+                    return
+                try:
+                    config = self.config_source()
+                except SettingError as exc:
+                    log.error("reload failed, keeping the running configuration: %s", exc)
+                    return
+                self.reload(config)
+        except Exception as exc:   # the running configuration stays; the thread ends cleanly
+            self.internal_errors.record("a reload", exc)
+
     def stop(self) -> None:
         """Stop accepting and drain; safe to call from a signal handler or another thread."""
         self._stopping.set()
@@ -356,6 +413,9 @@ class Balancer:
         # every engine.
         while not self._stopping.is_set():
             try:
+                if self._signals:
+                    self._handle_signals()
+                    continue
                 room = self._room()
                 if not room:
                     continue
@@ -368,7 +428,8 @@ class Balancer:
                 if batch:
                     self._dispatch(batch)
                 elif not self._stopping.is_set():
-                    # Woken, by a signal whose handler has run by now (SIGHUP).
+                    # Woken: by a signal, whose handler has run by now and
+                    # recorded it, or by a connection that closed at capacity.
                     self._waker.drain()
             except Exception as exc:
                 self.internal_errors.record("the accept loop", exc)
@@ -478,15 +539,13 @@ class Balancer:
     def reload(self, config) -> None:
         """Apply a re-read configuration without dropping anything in flight.
 
-        Backends, weights, backup, the policy, the check and send-proxy
-        settings, rise/fall, -R and the timeouts take effect at once (timeouts
-        for connections that start after the reload); the listen address, -N,
-        the admin address, the queue size and --accept-proxy need a restart.
+        Everything takes effect at once (timeouts for connections that start
+        after the reload) but the listen port and the settings declared with
+        ``restart=True`` (``fastlb.settings``), which are logged and kept.
         """
         if config.log_level != self.config.log_level:
             logging.getLogger().setLevel(config.log_level)
-        for name in ("port", "bind", "threads", "admin", "max_queue", "max_connections",
-                     "access_log", "accept_proxy", "retry_on_empty"):
+        for name in ["port"] + [setting.name for setting in SETTINGS if setting.restart]:
             if getattr(config, name) != getattr(self.config, name) and not (
                     name == "port" and config.port == self.port):
                 log.warning("reload: %s changed; restart fastlb to apply it", name)

@@ -28,6 +28,7 @@ class Setting:
     metavar: str = ""
     flag: bool = False              # an on/off switch: takes no value on the command line
     per_backend: bool = False       # a backend table in the config file may set its own
+    restart: bool = False           # a reload (SIGHUP) cannot apply it: it needs a restart
 
     @property
     def shown_default(self) -> str:
@@ -242,8 +243,23 @@ def escaped_text(text: str) -> str:
     return text
 
 
-def check_port(text: str) -> int:
-    return 0 if text == "0" else port(text)
+def port_or_zero(text: str) -> int:
+    """A port, or 0 (meaning: the default one, or a free one, as the option says)."""
+    return 0 if text.strip() == "0" else port(text)
+
+
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A settings validator as an argparse type, whose errors read as one clear line."""
+    import argparse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def switch(text: str) -> bool:
@@ -301,7 +317,7 @@ def bind_address(text: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("threads", ("-N", "--threads"), thread_count, 4,
-            "worker threads relaying client connections", "N"),
+            "worker threads relaying client connections", "N", restart=True),
     Setting("requests", ("-R", "--requests"), at_least_one, 5,
             "accepted client connections between two count-triggered health-check rounds", "R"),
     Setting("interval", ("--interval",), seconds, 2.0,
@@ -322,17 +338,17 @@ SETTINGS: tuple[Setting, ...] = (
             "without touching a backend", "SECONDS"),
     Setting("max_queue", ("--max-queue",), at_least_one, 1024,
             "accepted connections handed to a worker and not yet taken up by it; beyond it "
-            "new clients get a 503", "N"),
+            "new clients get a 503", "N", restart=True),
     Setting("max_connections", ("--max-connections",), connection_count, 0,
             "client connections open at once; at the limit fastlb stops accepting and new "
             "clients wait in the listen backlog, as with HAProxy's maxconn (0: as many as the "
             "open-file limit allows: two descriptors each, plus a splice pipe per four "
-            "connections, after fastlb's own, probes and the admin endpoint)", "N"),
+            "connections, after fastlb's own, probes and the admin endpoint)", "N", restart=True),
     Setting("drain_timeout", ("--drain-timeout",), seconds, 30.0,
             "seconds in-flight connections may take to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("bind", ("--bind",), bind_address, "0.0.0.0",
             "address to listen on (0.0.0.0 means every IPv4 interface, like the classic "
-            "balancer; use 127.0.0.1 to accept local clients only)", "ADDR"),
+            "balancer; use 127.0.0.1 to accept local clients only)", "ADDR", restart=True),
     Setting("rise", ("--rise",), at_least_one, 1,
             "consecutive healthy probes before a down backend is used again", "N"),
     Setting("fall", ("--fall",), at_least_one, 1,
@@ -354,7 +370,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("check_expect", ("--check-expect",), escaped_text, "",
             "tcp check: text that must appear in the answer; http check: in the body (same escapes)",
             "TEXT", per_backend=True),
-    Setting("check_port", ("--check-port",), check_port, 0,
+    Setting("check_port", ("--check-port",), port_or_zero, 0,
             "probe this port instead of the traffic port (0: the traffic port)", "PORT",
             per_backend=True),
     Setting("balance", ("--balance",), balance_policy, "",
@@ -366,16 +382,16 @@ SETTINGS: tuple[Setting, ...] = (
             per_backend=True),
     Setting("accept_proxy", ("--accept-proxy",), switch, False,
             "every client connection must start with a PROXY protocol header (v1 or v2), whose "
-            "address is then the client's", flag=True),
+            "address is then the client's", flag=True, restart=True),
     Setting("retry_on_empty", ("--retry-on-empty",), retry_policy, "idempotent",
             "replay a connection whose backend closes or resets before its first answer byte on "
             "the next backend: idempotent (when the client's bytes, at most 64 KiB so far, start "
-            "with GET, HEAD, OPTIONS, TRACE, PUT or DELETE), always, or never", "WHEN"),
+            "with GET, HEAD, OPTIONS, TRACE, PUT or DELETE), always, or never", "WHEN", restart=True),
     Setting("admin", ("--admin",), admin_address, "",
             "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
-            "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT"),
+            "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT", restart=True),
     Setting("access_log", ("--access-log",), optional_path, "",
-            "write one line per connection to FILE ('-' for stderr); off when empty", "FILE"),
+            "write one line per connection to FILE ('-' for stderr); off when empty", "FILE", restart=True),
     Setting("log_level", ("--log-level",), log_level, "INFO",
             "least severe log messages shown on stderr: debug, info, warning or error", "LEVEL"),
 )
@@ -383,12 +399,43 @@ SETTINGS: tuple[Setting, ...] = (
 
 # A complete, validated configuration: the listen port, the backends, and one
 # field per setting above with that setting's default.
-Config = dataclasses.make_dataclass(
-    "Config",
-    [("port", int), ("backends", list)]
-    + [(s.name, type(s.default), dataclasses.field(default=s.default)) for s in SETTINGS],
-)
-Config.__doc__ = "A complete, validated fastlb configuration."
+@dataclasses.dataclass
+class Config:
+    """A complete, validated fastlb configuration: the listen port, the backends, one field per setting.
+
+    Written out for readers and type checkers; a test holds the fields, their
+    order and their defaults equal to ``SETTINGS``.
+    """
+
+    port: int
+    backends: list
+    threads: int = 4
+    requests: int = 5
+    interval: float = 2.0
+    probe_timeout: float = 5.0
+    connect_timeout: float = 3.0
+    server_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    client_timeout: float = 10.0
+    max_queue: int = 1024
+    max_connections: int = 0
+    drain_timeout: float = 30.0
+    bind: str = "0.0.0.0"
+    rise: int = 1
+    fall: int = 1
+    check: str = "load"
+    check_path: str = "/healthcheck"
+    check_status: str = "200-399"
+    check_send: str = ""
+    check_expect: str = ""
+    check_port: int = 0
+    balance: str = ""
+    send_proxy: str = ""
+    accept_proxy: bool = False
+    retry_on_empty: str = "idempotent"
+    admin: str = ""
+    access_log: str = ""
+    log_level: str = "INFO"
 
 
 def default_balance(check: str) -> str:

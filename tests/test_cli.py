@@ -130,3 +130,16 @@ def test_a_backend_with_a_check_kind_of_its_own_does_not_inherit_the_global_exch
     redis, web = parse_config(["--config", str(config)]).backends
     assert (redis.check.kind, redis.check.send, redis.check.expect) == ("tcp", b"PING\r\n", b"+PONG")
     assert (web.check.kind, web.check.path, web.check.send, web.check.expect) == ("http", "/health", b"", b"")
+
+
+def test_config_has_exactly_one_field_per_setting_with_its_default():
+    import dataclasses
+
+    from fastlb.settings import Config
+
+    fields = dataclasses.fields(Config)
+    assert [f.name for f in fields[:2]] == ["port", "backends"]
+    assert [f.name for f in fields[2:]] == [s.name for s in SETTINGS]
+    for field, setting in zip(fields[2:], SETTINGS):
+        assert field.default == setting.default and type(field.default) is type(setting.default), \
+            setting.name
