@@ -1,4 +1,4 @@
-"""Builds the one compiled extension, fastlb._bridge, from src/bridge.pyx.
+"""Builds the compiled twins: fastlb._bridge from src/bridge.pyx and fastlb._engine from src/engine.pyx.
 
 Without a working compiler the build falls back to the pure-Python relay with a
 loud warning, unless FASTLB_REQUIRE_EXTENSIONS=1 (set in CI and wheel builds),

@@ -8,11 +8,12 @@ the test suite runs every relay and parser test on both.  Nothing but
 
 from __future__ import annotations
 
-import collections
 import math
 import select
 import socket
 import time
+
+from fastlb._twin_common import RelayResult
 
 __all__ = [
     "IMPLEMENTATION",
@@ -45,23 +46,6 @@ STATUS_PREFIX_LEN = 13
 
 # Largest value the health answer may carry (63 bits, a signed 64-bit int).
 MAX_COUNT = (1 << 63) - 1
-
-RelayResult = collections.namedtuple(
-    "RelayResult", "bytes_up bytes_down up_end down_end end status"
-)
-RelayResult.__doc__ = """How one relay ended.
-
-bytes_up     bytes passed client -> backend
-bytes_down   bytes passed backend -> client
-up_end       how client -> backend ended: "eof", "error" or "open"
-down_end     how backend -> client ended: "eof", "error" or "open"
-end          why the relay returned: "done" (both directions reached EOF),
-             "server_timeout" (no byte from the backend within server_timeout
-             of the last byte sent to it, before any byte reached the client),
-             "idle_timeout", "client_error" or "server_error"
-status       status code of the first response passed to the client, 0 when
-             the backend's first bytes were not an HTTP/1.x status line
-"""
 
 _TCHAR = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

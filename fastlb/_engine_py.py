@@ -1,46 +1,13 @@
-"""Pure-Python twin of the relay engine: one event loop relaying many connections.
+"""Pure-Python twin of the relay engine, and its readable specification.
 
-Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
-
-- Who runs where.  ``Engine.run`` runs in one worker thread and owns an epoll
-  selector.  Any thread may call ``add`` (the accept loop does) and ``stop``;
-  both only append to a deque and wake the loop through a socketpair.
-- Who owns which descriptor.  A client socket belongs to the engine from the
-  moment ``add`` is called; the backend socket is created by the engine.  Both
-  are closed by the engine, exactly once, in ``_close`` — when the relay is
-  over, when fastlb's own answer has been lingered out, or when a timeout hits.
-- Per connection: WAIT (until the client's first byte; a client that closes or
-  stays silent for ``client_timeout`` never costs a backend; with
-  ``accept_proxy`` its PROXY header is taken first, exactly, and a client
-  whose first bytes are not one is closed as ``bad_proxy_header``), PARKED (the
-  router asked to wait for fresher health figures: the probe round triggered
-  before this connection was accepted is still running; retried when the
-  router calls ``wake`` and at most ``ROUTE_WAIT`` later), CONNECTING (non-
-  blocking connect to the backend the router chose; a failure marks it down
-  and the next one is tried, each at most once), RELAYING (two buffered
-  directions), LINGER (after fastlb's own 500: half-close, read and discard
-  what the client still sends for a moment, then close).
-- Relaying.  Each direction reads into a buffer bounded by ``BUFFER_LIMIT`` and
-  writes straight through when the peer accepts; a side whose peer is not
-  draining is not read (back-pressure).  EOF on one side is passed on as a
-  shutdown(SHUT_WR) once its buffer is flushed (half-close); the relay ends
-  when both directions have, or on an error.
-- Timeouts are checked every ``TICK`` seconds against one deadline per
-  connection (cheap: a float per event, one pass over the connections per tick).
-- The router (the ``fastlb.router.Router`` protocol) is the only way back into fastlb:
-  ``choose(tried, ticket, addr, source)`` (``source``: the client's ``(ip,
-  port)`` from an accepted PROXY header, else None) returns a route ``(token,
-  family, ip, port, send_proxy)``, None (nothing usable: the client gets the
-  500) or False (park and ask again); with ``send_proxy`` 1 or 2 a PROXY
-  header of that version goes to the backend before any client byte;
-  ``connect_failed(token, reason)``; ``finished(token, addr, bytes_up,
-  bytes_down, status, end, duration)``, once per connection.  These are the
-  only moments the compiled twin takes the GIL, and it gathers them: it makes
-  the same calls in the same order per connection, but at the end of the loop
-  turn, all of a turn's calls in one GIL section (reports first).
-- ``accept_batch`` is the accept loop's half: wait for clients and take up to
-  a batch of them per call (the compiled twin does it without the GIL, so the
-  accept loop takes the GIL once per batch).
+One event loop relaying many connections, with the same public API and the
+same decisions in the same states as the compiled twin (``src/engine.pyx``).
+The design both follow -- who runs where, who owns which descriptor, the
+states of a connection, relaying, the router protocol -- is in
+``docs/design.md`` ("The relay engine").  Local to this twin: a ``selectors``
+loop with a socket-pair waker, ``bytearray`` buffers, deadlines as floats on
+``_Conn`` objects, and router calls made at once rather than gathered per
+loop turn.
 """
 
 from __future__ import annotations
@@ -56,6 +23,7 @@ from typing import Optional
 
 from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, build_proxy_header,
                                parse_proxy_header, parse_status_line)
+from fastlb._twin_common import connect_reason
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.waker import Waker
 
@@ -447,12 +415,12 @@ class Engine:
                         self._watch(conn, 0, WRITE)
                         return
                     if code not in (0, errno.EISCONN):
-                        self._connect_failed(conn, _connect_reason(code))
+                        self._connect_failed(conn, connect_reason(code))
                         return
                 self._on_connected(conn, checked=True)
                 return
             server.close()
-            self._tell_connect_failed(token, _connect_reason(code))
+            self._tell_connect_failed(token, connect_reason(code))
             conn.token = None
 
     # -- the router: its exceptions cost one connection, never the loop ----------------
@@ -480,7 +448,7 @@ class Engine:
         if not checked:
             code = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                self._connect_failed(conn, _connect_reason(code))
+                self._connect_failed(conn, connect_reason(code))
                 return
         conn.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.state = RELAYING
@@ -774,9 +742,3 @@ def _shutdown_write(sock: socket.socket) -> None:
         pass
 
 
-def _connect_reason(code: int) -> str:
-    if code == errno.ECONNREFUSED:
-        return "connection refused"
-    if code == errno.ETIMEDOUT:
-        return "connect timeout"
-    return "connect failed: %s" % errno.errorcode.get(code, str(code))

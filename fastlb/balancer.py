@@ -8,9 +8,9 @@ Who runs where:
   clients wait in the listen backlog, as with HAProxy's ``maxconn``) until one
   closes, and when an engine's hand-off queue holds ``--max-queue`` the client
   gets a 503;
-- ``threads`` worker threads each run one relay engine (``fastlb.bridge.Engine``,
-  an event loop that owns many connections at once: waits for the client's
-  first byte, routes, connects without blocking, relays, closes);
+- ``threads`` worker threads each run one relay engine (``fastlb.bridge.Engine``;
+  its design is in docs/design.md, "The relay engine"); one whose loop dies is
+  replaced;
 - engines reach the backend table only through ``PoolRouter`` (the
   ``fastlb.router.Router`` protocol): choosing a backend, reporting a failed
   connect or a replay, reporting a finished connection;

@@ -1,59 +1,19 @@
 # cython: language_level=3, embedsignature=True
 """Compiled twin of the relay engine: one epoll loop, without the GIL, relaying many connections.
 
-Built from ``src/engine.pyx`` into ``fastlb._engine``.  It has the public API
-of ``fastlb._engine_py`` -- the readable specification -- and makes the same
-decisions in the same states (WAIT, PARKED, CONNECTING, RELAYING, LINGER);
-``tests/test_engine.py`` runs every engine test on both.  Nothing but
-``fastlb.bridge`` imports either twin.
-
-Who runs where:
-
-- ``Engine.run`` runs in one worker thread and never holds the GIL while it
-  waits or moves bytes.  It takes the GIL once at the end of a loop turn that
-  needs it (``_settle``): to pick up newly added connections, to call the
-  router (``finished`` for every connection that ended in the turn, then
-  ``choose``/``connect_failed`` for every one that waits for a backend), and to
-  release the Python objects finished connections held.  One acquisition per
-  batch rather than per connection: with several engines and the accept loop
-  on two cores, each contended acquisition costs futex calls and a context
-  switch, which measured as most of the CPU spent per new connection.
-- ``accept_batch`` runs in the thread that accepts (the main thread): it waits
-  and accepts without the GIL and returns whole batches, so the accept loop
-  takes the GIL once per batch, not once per system call.
-- Any thread holding the GIL may call ``add``, ``wake``, ``stop`` and
-  ``set_timeouts``.  ``add`` appends to a Python list and ``wake``/``stop`` set
-  flags; all three write the eventfd only when no wake-up is pending yet.  The
-  loop swaps the list and reads the flags with the GIL held, so the GIL is the
-  lock for the hand-off.  ``added`` is written only under the GIL by adders,
-  ``closed`` only by the loop thread; ``active`` is their difference.
-
-Who owns which descriptor:
-
-- A client descriptor belongs to the engine from ``add`` on (``detach()``
-  leaves the socket object without one).  Until the loop picks it up it sits in
-  the hand-off list; afterwards in a ``Conn``.  The backend descriptor and the
-  splice pipes are created by the loop.  The loop closes all of them in
-  ``_close``, exactly once, after removing them from epoll.  ``run`` closes
-  every connection still open or still queued when it returns, then the epoll
-  descriptor and the eventfd; an ``add`` after that closes the descriptor
-  itself.
-
-Per connection: a ``Conn`` struct, malloc'ed when the loop picks the
-connection up, on a doubly linked list of live connections (scanned every
-``TICK`` for deadlines); epoll's data word is the ``Conn`` pointer with the low
-bit saying which side.  A closed ``Conn`` moves to a dead list and is freed only
-after the current batch of events, so a stale event in the same batch finds it
-marked closed instead of freed.  Python objects (addr, ticket, the backend
-token, the list of tried backends, the source from an accepted PROXY header)
-are strong references in the struct,
-released when the connection is reported to ``router.finished`` -- which every
-connection is, once, at the end of the loop iteration that ended it.
+Built into ``fastlb._engine``; the public API and the decisions are those of
+``fastlb._engine_py``, and the design both follow is in ``docs/design.md``
+("The relay engine", "The GIL is taken per batch").  Local to this twin: the
+``Conn`` struct and its lists (live, dead, parked, routes, reports), the
+eventfd hand-off guarded by the GIL, one GIL section per loop turn
+(``_settle``), splice pipes against the process's pipe budget, and the
+C-level PROXY codec of ``src/proxy_header.pxd``.
 """
 
 import errno as _errno
 import socket as _socket
 
+from fastlb._twin_common import connect_reason, splice_mode
 from fastlb.failsafe import INTERNAL_ERRORS
 
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
@@ -83,7 +43,7 @@ from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO
                           SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect, getpeername,
                           getsockname, getsockopt, recv, send, setsockopt, shutdown, sockaddr,
                           sockaddr_storage, socket, socklen_t)
-from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
 from libc_unistd cimport close
 
 cdef enum:
@@ -178,11 +138,6 @@ cdef enum End:
 
 _END_NAMES = ("", "done", "client_timeout", "client_closed", "client_error", "server_error",
               "server_timeout", "idle_timeout", "no_backend", "bad_proxy_header")
-
-cdef enum SpliceMode:
-    SPLICE_AUTO
-    SPLICE_ALWAYS
-    SPLICE_NEVER
 
 cdef enum Route:
     ROUTE_PARK
@@ -283,12 +238,6 @@ cdef struct Conn:
     PyObject* token
     PyObject* tried
     PyObject* source        # (ip, port) from the accepted header, made when first routed
-
-
-cdef inline double _monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef inline object _obj(PyObject* p):
@@ -612,14 +561,6 @@ cdef bint _put_address(sockaddr_storage* peer, int family, bytes host):
     return False
 
 
-def _connect_reason(int code):
-    if code == ECONNREFUSED:
-        return "connection refused"
-    if code == ETIMEDOUT:
-        return "connect timeout"
-    return "connect failed: %s" % _errno.errorcode.get(code, str(code))
-
-
 cdef class Engine:
     """An event loop relaying many client/backend pairs without the GIL (see the module comment).
 
@@ -679,7 +620,7 @@ cdef class Engine:
         self.idle_timeout = idle_timeout
         self.client_timeout = client_timeout
         self.connect_timeout = connect_timeout
-        self.splice_mode = SPLICE_AUTO if splice is None else SPLICE_ALWAYS if splice else SPLICE_NEVER
+        self.splice_mode = <SpliceMode><int>splice_mode(splice)
         self.accept_proxy = accept_proxy
         if retry_on_empty not in _RETRY_POLICIES:
             raise ValueError("retry_on_empty must be never, idempotent or always")
@@ -812,7 +753,7 @@ cdef class Engine:
         cdef Conn* c
         cdef bint woken, done
         cdef double next_tick
-        self.now = _monotonic()
+        self.now = monotonic()
         next_tick = self.now + C_TICK
         while True:
             if self.stopping and self.live == NULL:
@@ -828,7 +769,7 @@ cdef class Engine:
                     with gil:
                         raise OSError(err, strerror(err).decode())
                 n = 0
-            self.now = _monotonic()
+            self.now = monotonic()
             woken = False
             for i in range(n):
                 data = events[i].data.u64
@@ -838,7 +779,7 @@ cdef class Engine:
                 c = <Conn*><uintptr_t>(data & ~(<uint64_t>SIDE_SERVER))
                 if c.state != ST_CLOSED:
                     self._on_event(c, (data & SIDE_SERVER) == 0, events[i].events)
-            self.now = _monotonic()
+            self.now = monotonic()
             if self.now >= next_tick:
                 next_tick = self.now + C_TICK
                 self._check_deadlines()
@@ -1178,7 +1119,7 @@ cdef class Engine:
         if failed == FAILED_TIMEOUT:
             reason = "connect timeout (%gs)" % self.connect_timeout
         elif failed != FAILED_NOTHING:
-            reason = _connect_reason(failed)
+            reason = connect_reason(failed)
         if drop_ticket:
             _clear(&c.ticket)
         if c.route_replay != REPLAY_NONE:
@@ -1673,7 +1614,7 @@ cdef class Engine:
         c.reported = True
         c.report_end = end
         c.report_status = status
-        c.report_duration = _monotonic() - c.accepted
+        c.report_duration = monotonic() - c.accepted
         c.report_next = NULL
         if self.reports_tail == NULL:
             self.reports_head = c
@@ -1756,7 +1697,7 @@ cdef class Engine:
     cdef void _shutdown(self) except *:
         """With the GIL, as run() returns: close every connection and descriptor left; report them."""
         cdef Conn* c
-        self.now = _monotonic()
+        self.now = monotonic()
         while self.live != NULL:
             self._close(self.live, END_CLIENT_ERROR)
         # Picked up from the hand-off but not set up (the loop raised meanwhile).
