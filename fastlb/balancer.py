@@ -37,11 +37,12 @@ from typing import Callable, Optional
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
 from fastlb.admin import ADMIN_MAX_CONNECTIONS, AdminServer
+from fastlb.discovery import Discovery, is_spec
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
 from fastlb.router import Router
-from fastlb.settings import SETTINGS, SettingError, default_balance
+from fastlb.settings import SETTINGS, SettingError, default_balance, parse_resolvers
 from fastlb.waker import Waker
 
 log = logging.getLogger("fastlb")
@@ -171,8 +172,10 @@ class Balancer:
 
     def __init__(self, config):
         self.config = config
-        self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall,
-                                config.balance or default_balance(config.check))
+        # Backends given by name stand for what DNS says (fastlb.discovery).
+        self.discovery = Discovery(parse_resolvers(config.resolvers))
+        self.pool = BackendPool(self.discovery.expand(config.backends), config.requests, config.rise,
+                                config.fall, config.balance or default_balance(config.check))
         # Unexpected exceptions of every thread's loop, counted and logged.
         self.internal_errors = INTERNAL_ERRORS
         self.health = HealthChecker(self.pool, config.probe_timeout, config.interval,
@@ -287,6 +290,8 @@ class Balancer:
                         "servers use --check http --check-path PATH, or --check tcp "
                         "(see docs/recipes.md)", self.config.check_path)
         self.health.start()
+        if self.config.resolve_interval and any(map(is_spec, self.config.backends)):
+            threading.Thread(target=self._rediscover, name="fastlb-discovery", daemon=True).start()
         for i, engine in enumerate(self.engines):
             self._start_worker(engine, "fastlb-worker-%d" % i)
         try:
@@ -550,13 +555,9 @@ class Balancer:
                     name == "port" and config.port == self.port):
                 log.warning("reload: %s changed; restart fastlb to apply it", name)
                 setattr(config, name, getattr(self.config, name))
-        # Probe the new backends before the swap, so traffic never meets a
-        # table whose only candidates are still unprobed.
-        known = {b.name for b in self.pool.backends if not b.removed}
-        fresh = {a.name: a for a in config.backends if a.name not in known}
-        first_probes = probe_many(list(fresh.values()), config.probe_timeout)
-        added = self.pool.update(config.backends, config.requests, config.rise, config.fall,
-                                 first_probes, config.balance or default_balance(config.check))
+        self.discovery.resolvers = parse_resolvers(config.resolvers)
+        backends = self.discovery.expand(config.backends)
+        added = self._apply_backends(backends, config)
         self.health.probe_timeout, self.health.interval = config.probe_timeout, config.interval
         for engine in self.engines:
             engine.set_timeouts(config.server_timeout, config.idle_timeout, config.client_timeout,
@@ -564,7 +565,34 @@ class Balancer:
         self.config = config
         if self.access_log:
             self.access_log.reopen()
-        log.info("reload: %d backend(s), %d new", len(config.backends), len(added))
+        log.info("reload: %d backend(s), %d new", len(backends), len(added))
+
+    def _apply_backends(self, addresses: list, config) -> list:
+        """Swap the backend table for ``addresses``; the new backends are probed before the swap.
+
+        So traffic never meets a table whose only candidates are still
+        unprobed; vanished backends take no new traffic and leave once their
+        relays are done.  Returns the backends that are new.
+        """
+        known = {b.name for b in self.pool.backends if not b.removed}
+        fresh = {a.name: a for a in addresses if a.name not in known}
+        first_probes = probe_many(list(fresh.values()), config.probe_timeout)
+        return self.pool.update(addresses, config.requests, config.rise, config.fall,
+                                first_probes, config.balance or default_balance(config.check))
+
+    def _rediscover(self) -> None:
+        """The discovery thread: look the backend names up every --resolve-interval; apply changes."""
+        while not self._stopping.wait(self.config.resolve_interval):
+            try:
+                with self._reload_lock:
+                    config = self.config
+                    backends = self.discovery.expand(config.backends)
+                    current = [b.address for b in self.pool.backends if not b.removed]
+                    if _identity(backends) != _identity(current):
+                        added = self._apply_backends(backends, config)
+                        log.info("DNS: %d backend(s), %d new", len(backends), len(added))
+            except Exception as exc:
+                self.internal_errors.record("the discovery thread", exc)
 
     # -- drain -------------------------------------------------------------------
 
@@ -590,6 +618,11 @@ class Balancer:
 
 def _load(engine) -> int:
     return engine.active
+
+
+def _identity(addresses) -> list:
+    """What makes two backend lists the same table: names, in order, with weight and backup."""
+    return [(a.name, a.weight, a.backup) for a in addresses]
 
 
 def _close_client(fd: int) -> None:

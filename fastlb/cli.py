@@ -12,8 +12,9 @@ import sys
 from typing import Optional, Sequence
 
 from fastlb import __version__, bridge, configfile
+from fastlb.discovery import Discovery
 from fastlb.settings import (SETTINGS, Config, SettingError, argparse_type, backend, default_balance,
-                             make_check, port, resolve)
+                             literal, make_check, parse_resolvers, port)
 
 log = logging.getLogger("fastlb")
 
@@ -99,13 +100,16 @@ def build_config(args: argparse.Namespace) -> Config:
     backends = []
     for address in values["backends"]:
         try:
-            backends.append(resolve(address.with_settings(values)))
+            backends.append(literal(address.with_settings(values)))
         except SettingError as exc:
             # A backend table's check settings are judged only here, merged
             # with the global ones: name the file's line like every file error.
             where = configfile.location(args.config, "backends") + ": " \
                 if args.config and not args.servers else ""
             raise SettingError("%sbackend %s: %s" % (where, address.name, exc)) from None
+    if not values["resolve_interval"]:
+        # Resolved once, at start-up: a name that does not resolve is an error, as in HAProxy.
+        Discovery(parse_resolvers(values["resolvers"])).check(backends)
     values["backends"] = backends
     return Config(**values)
 

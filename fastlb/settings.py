@@ -37,6 +37,8 @@ class Setting:
 
 
 CHECK_KINDS = ("load", "http", "tcp", "none")
+# A backend "srv:NAME" stands for the targets of NAME's SRV records (fastlb.discovery).
+SRV_PREFIX = "srv:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +71,17 @@ class Address:
     # Per-backend settings from the config file, applied over the global ones
     # by ``with_settings``: ((setting name, value), ...).
     overrides: tuple = ()
+    # For a backend found through DNS, the name of what it was found from
+    # (``HOST:PORT`` or ``srv:NAME``); empty for one given as an address.
+    origin: str = ""
 
     @property
     def name(self) -> str:
-        return "%s:%d" % (self.host, self.port)
+        if self.host.startswith(SRV_PREFIX):
+            return self.host
+        name = "%s:%d" % (self.host, self.port)
+        # One name, several addresses: each backend is named by both.
+        return "%s@%s" % (name, self.ip) if self.origin else name
 
     def with_settings(self, values: dict) -> "Address":
         """This backend with its check and PROXY settings: its own overrides, else the global ones."""
@@ -144,7 +153,12 @@ def seconds(text: str) -> float:
 
 
 def backend(text: str) -> Address:
-    """``PORT`` (meaning 127.0.0.1:PORT) or ``HOST:PORT``; ``[V6ADDR]:PORT`` for IPv6."""
+    """``PORT`` (meaning 127.0.0.1:PORT), ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6) or ``srv:NAME``."""
+    if text.startswith(SRV_PREFIX):
+        name = text[len(SRV_PREFIX):]
+        if not name or any(c <= " " for c in name):
+            raise SettingError("backend %r: srv: needs a DNS name (srv:_http._tcp.example.com)" % text)
+        return Address(text, 0)
     host, sep, port_text = text.rpartition(":")
     if not sep:
         return Address("127.0.0.1", port(text))
@@ -152,10 +166,21 @@ def backend(text: str) -> Address:
         host = host[1:-1]
     if not host:
         raise SettingError("backend %r has no host before ':'" % text)
+    valid_host(host, "backend %r" % text)
     try:
         return Address(host, port(port_text))
     except SettingError as exc:
         raise SettingError("backend %r: %s" % (text, exc)) from None
+
+
+def valid_host(host: str, what: str) -> None:
+    """A host name DNS could know (labels of at most 63 characters), or an IP address."""
+    if ":" in host:
+        return                    # an IPv6 address; getaddrinfo judges it
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise SettingError("%s: not a valid host name" % what) from None
 
 
 def choice(*allowed: str, what: str) -> Callable[[str], str]:
@@ -284,6 +309,39 @@ def make_check(values: dict) -> Check:
                  send=unescape(send), expect=unescape(expect), port=values.get("check_port", 0))
 
 
+def parse_resolvers(text: str) -> list[tuple[str, int]]:
+    """``IP[:PORT],...`` (port 53 by default; ``[V6ADDR]:PORT`` for IPv6 with a port) as a list."""
+    import ipaddress
+
+    servers = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item.startswith("["):
+            host, _, port_text = item[1:].partition("]")
+            port_text = port_text.lstrip(":") or "53"
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        else:
+            host, port_text = item, "53"
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise SettingError("a resolver is an IP address with an optional :PORT (got %r)" % item) from None
+        try:
+            servers.append((host, port(port_text)))
+        except SettingError as exc:
+            raise SettingError("resolver %r: %s" % (item, exc)) from None
+    return servers
+
+
+def resolver_list(text: str) -> str:
+    parse_resolvers(text)
+    return text
+
+
+def seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
+
+
 def log_level(text: str) -> str:
     level = text.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -387,6 +445,13 @@ SETTINGS: tuple[Setting, ...] = (
             "replay a connection whose backend closes or resets before its first answer byte on "
             "the next backend: idempotent (when the client's bytes, at most 64 KiB so far, start "
             "with GET, HEAD, OPTIONS, TRACE, PUT or DELETE), always, or never", "WHEN", restart=True),
+    Setting("resolve_interval", ("--resolve-interval",), seconds_or_zero, 30.0,
+            "seconds between two lookups of the backends given by name (HOST:PORT, srv:NAME): "
+            "one backend per address, new ones probed before they get traffic, vanished ones "
+            "drained; 0 resolves once at start-up (an unresolvable name is then an error)",
+            "SECONDS"),
+    Setting("resolvers", ("--resolvers",), resolver_list, "",
+            "DNS servers to ask, as IP[:PORT],... instead of the system's resolver", "IP:PORT,..."),
     Setting("admin", ("--admin",), admin_address, "",
             "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
             "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT", restart=True),
@@ -433,6 +498,8 @@ class Config:
     send_proxy: str = ""
     accept_proxy: bool = False
     retry_on_empty: str = "idempotent"
+    resolve_interval: float = 30.0
+    resolvers: str = ""
     admin: str = ""
     access_log: str = ""
     log_level: str = "INFO"
@@ -443,19 +510,16 @@ def default_balance(check: str) -> str:
     return "least-loaded" if check == "load" else "leastconn"
 
 
-def resolve(address: Address) -> Address:
-    """Resolve a backend's host once, so no connection pays for name resolution."""
+def literal(address: Address) -> Address:
+    """A backend given as an IP address, with its ip and family filled in (no DNS involved)."""
+    import ipaddress
+
     try:
-        infos = socket.getaddrinfo(address.host, address.port, 0, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise SettingError("cannot resolve backend host %r: %s" % (address.host, exc.strerror)) from None
-    except UnicodeError:
-        # The IDNA codec refuses a label over 63 characters or an empty one.
-        raise SettingError("cannot resolve backend host %r: not a valid host name" % address.host) from None
-    # Prefer IPv4 when a name has both, as most backends listen on it.
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    family, _, _, _, sockaddr = infos[0]
-    return dataclasses.replace(address, ip=sockaddr[0], family=family)
+        ip = ipaddress.ip_address(address.host.split("%")[0])
+    except ValueError:
+        return address            # a name: fastlb.discovery resolves it
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return dataclasses.replace(address, ip=address.host, family=family)
 
 
 def settings_reference() -> str:
