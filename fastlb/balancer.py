@@ -37,6 +37,7 @@ from typing import Callable, Optional
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
 from fastlb.admin import ADMIN_MAX_CONNECTIONS, AdminServer
+from fastlb.api import Runtime
 from fastlb.discovery import Discovery, is_spec
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.health import HealthChecker, probe_many
@@ -174,6 +175,8 @@ class Balancer:
         self.config = config
         # Backends given by name stand for what DNS says (fastlb.discovery).
         self.discovery = Discovery(parse_resolvers(config.resolvers))
+        # Backends added, removed, drained or reweighed at run time (fastlb.api).
+        self.runtime = Runtime(self)
         self.pool = BackendPool(self.discovery.expand(config.backends), config.requests, config.rise,
                                 config.fall, config.balance or default_balance(config.check))
         # Unexpected exceptions of every thread's loop, counted and logged.
@@ -183,6 +186,8 @@ class Balancer:
         self.listener: Optional[socket.socket] = None
         self.port = config.port
         self._stopping = threading.Event()
+        # Set once the first probe round is done: from then on clients are routed.
+        self.health_ready = threading.Event()
         # Signals recorded by signal_received, acted on by the accept loop.
         self._signals: list[int] = []
         self._term_seen = False
@@ -240,7 +245,8 @@ class Balancer:
         self.port = sock.getsockname()[1]
         if self.config.admin:
             try:
-                self.admin = AdminServer(self.config.admin, self.stats, errors=self.internal_errors)
+                self.admin = AdminServer(self.config.admin, self.stats, errors=self.internal_errors,
+                                         api=self.runtime, token=self._admin_token())
             except OSError as exc:
                 sock.close()
                 self.listener = None
@@ -252,6 +258,22 @@ class Balancer:
             except OSError as exc:
                 raise ListenError("cannot open the access log %s: %s"
                                   % (self.config.access_log, exc.strerror or exc)) from None
+
+    def _admin_token(self) -> bytes:
+        """The admin API's secret, from --admin-token-file (b"": the API is off)."""
+        path = self.config.admin_token_file
+        if not path:
+            return b""
+        try:
+            with open(path, "rb") as handle:
+                token = handle.read().strip()
+        except OSError as exc:
+            raise OSError(exc.errno, "cannot read the admin token file %s: %s"
+                          % (path, exc.strerror)) from None
+        if len(token) < 16:
+            raise OSError(0, "the admin token file %s must hold a secret of at least 16 characters"
+                          % path)
+        return token
 
     def run(self) -> None:
         """Probe, start the threads, accept until ``stop()``, then drain."""
@@ -280,6 +302,7 @@ class Balancer:
         # Connections arriving now wait in the kernel's backlog until the
         # first round says which backends are up.
         pending = self.health.first_round()
+        self.health_ready.set()
         up = sum(b.state == "up" for b in self.pool.backends)
         log.info("first health round done: %d of %d backend(s) up%s", up, len(self.pool.backends),
                  "; %d still being probed" % pending if pending else "")
@@ -556,8 +579,12 @@ class Balancer:
                 log.warning("reload: %s changed; restart fastlb to apply it", name)
                 setattr(config, name, getattr(self.config, name))
         self.discovery.resolvers = parse_resolvers(config.resolvers)
-        backends = self.discovery.expand(config.backends)
-        added = self._apply_backends(backends, config)
+        with self.runtime.lock:
+            # The configuration as it is written: run-time changes end here.
+            self.runtime.reset()
+            self.pool.reset_admin_states()
+            backends = self.runtime.desired(config.backends)
+            added = self._apply_backends(backends, config)
         self.health.probe_timeout, self.health.interval = config.probe_timeout, config.interval
         for engine in self.engines:
             engine.set_timeouts(config.server_timeout, config.idle_timeout, config.client_timeout,
@@ -580,13 +607,24 @@ class Balancer:
         return self.pool.update(addresses, config.requests, config.rise, config.fall,
                                 first_probes, config.balance or default_balance(config.check))
 
+    def apply_runtime(self) -> list:
+        """Serve what the configuration and the run-time changes say now (``fastlb.api``); the caller holds runtime.lock."""
+        return self._apply_backends(self.runtime.desired(self.config.backends), self.config)
+
+    def probe_now(self, backends: list) -> None:
+        """Probe these backends at once and apply the outcomes (a backend out of maintenance)."""
+        outcomes = probe_many([b.address for b in backends], self.config.probe_timeout)
+        for backend in backends:
+            if self.pool.begin_probe(backend):
+                self.pool.apply_probe(backend, *outcomes[backend.address.name])
+
     def _rediscover(self) -> None:
         """The discovery thread: look the backend names up every --resolve-interval; apply changes."""
         while not self._stopping.wait(self.config.resolve_interval):
             try:
-                with self._reload_lock:
+                with self._reload_lock, self.runtime.lock:
                     config = self.config
-                    backends = self.discovery.expand(config.backends)
+                    backends = self.runtime.desired(config.backends)
                     current = [b.address for b in self.pool.backends if not b.removed]
                     if _identity(backends) != _identity(current):
                         added = self._apply_backends(backends, config)

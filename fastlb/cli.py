@@ -12,9 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from fastlb import __version__, bridge, configfile
-from fastlb.discovery import Discovery
-from fastlb.settings import (SETTINGS, Config, SettingError, argparse_type, backend, default_balance,
-                             literal, make_check, parse_resolvers, port)
+from fastlb.settings import (SETTINGS, Config, SettingError, argparse_type, backend, port)
 
 log = logging.getLogger("fastlb")
 
@@ -94,24 +92,10 @@ def build_config(args: argparse.Namespace) -> Config:
                if key not in values]
     if missing:
         raise SettingError("the following arguments are required: %s" % ", ".join(missing))
-    if not values["balance"]:
-        values["balance"] = default_balance(values["check"])
-    make_check(values)   # the global check settings alone, so their errors name no backend
-    backends = []
-    for address in values["backends"]:
-        try:
-            backends.append(literal(address.with_settings(values)))
-        except SettingError as exc:
-            # A backend table's check settings are judged only here, merged
-            # with the global ones: name the file's line like every file error.
-            where = configfile.location(args.config, "backends") + ": " \
-                if args.config and not args.servers else ""
-            raise SettingError("%sbackend %s: %s" % (where, address.name, exc)) from None
-    if not values["resolve_interval"]:
-        # Resolved once, at start-up: a name that does not resolve is an error, as in HAProxy.
-        Discovery(parse_resolvers(values["resolvers"])).check(backends)
-    values["backends"] = backends
-    return Config(**values)
+    # A backend table's check settings are judged only once merged with the
+    # global ones: name the file's line like every file error.
+    where = configfile.location(args.config, "backends") if args.config and not args.servers else ""
+    return configfile.complete(values, where)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:

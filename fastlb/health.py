@@ -29,7 +29,7 @@ from typing import Optional
 
 from fastlb.checks import Probe, probe, probe_many
 from fastlb.failsafe import INTERNAL_ERRORS, InternalErrors
-from fastlb.pool import BackendPool
+from fastlb.pool import MAINT, BackendPool
 from fastlb.waker import Waker
 
 __all__ = ["HealthChecker", "probe", "probe_many"]
@@ -94,7 +94,7 @@ class HealthChecker:
         entry = [self.pool.begin_round(), 1]
         for backend in self.pool.backends:
             kind = backend.address.check.kind
-            if kind == "none" or load_only and kind != "load":
+            if kind == "none" or load_only and kind != "load" or backend.admin_state == MAINT:
                 continue
             entry[1] += 1
             self._probe(backend, [entry])

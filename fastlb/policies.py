@@ -6,7 +6,7 @@ backends' figures (``rr_current``) and its own memory (the leastconn cursor,
 the random generator) only because of that lock.
 
 A backend is anything with the attributes ``name``, ``index``, ``state``,
-``removed``, ``weight``, ``backup``, ``entries``, ``errors``, ``active``,
+``closed``, ``weight``, ``backup``, ``entries``, ``errors``, ``active``,
 ``reports_load`` and ``rr_current``; ``fastlb.pool.Backend`` is the real one.
 This module does not import ``pool`` (the arrows point down: pool -> policies).
 """
@@ -31,12 +31,13 @@ _MASK64 = (1 << 64) - 1
 def candidates(backends: Iterable[Any], exclude: Container[Any] = ()) -> list:
     """The backends that may take a new connection, in table order.
 
-    Those up, not removed by a reload, not in ``exclude`` and not backup; when
-    there is none, the backup ones that are up, not removed and not excluded.
+    Those up, not closed to new connections (removed by a reload, drained or
+    in maintenance), not in ``exclude`` and not backup; when there is none,
+    the backup ones that are up, not closed and not excluded.
     """
     primary, backups = [], []
     for backend in backends:
-        if backend.state != UP or backend.removed or backend in exclude:
+        if backend.state != UP or backend.closed or backend in exclude:
             continue
         (backups if backend.backup else primary).append(backend)
     return primary or backups
@@ -56,7 +57,7 @@ def _least_loaded(backends, exclude=(), client=None):
     best = best_backup = None
     best_load = backup_key = None
     for backend in backends:
-        if backend.state != UP or backend.removed or backend in exclude:
+        if backend.state != UP or backend.closed or backend in exclude:
             continue
         if backend.backup:
             if best is None:

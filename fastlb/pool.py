@@ -25,6 +25,11 @@ from fastlb.settings import Address
 log = logging.getLogger("fastlb")
 
 UNKNOWN, UP, DOWN = "unknown", "up", "down"
+# Administrative states, set at run time (fastlb.api): ready takes traffic;
+# drain takes no new connections but is still probed; maint is neither
+# routed to nor probed (HAProxy's "drain" and "maint").
+READY, DRAIN, MAINT = "ready", "drain", "maint"
+ADMIN_STATES = (READY, DRAIN, MAINT)
 
 # Upper bounds (seconds) of the connection-duration histogram buckets.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
@@ -38,6 +43,7 @@ class Backend:
         "probe_started_routed", "routed", "active", "bytes_up", "bytes_down",
         "responses", "failures", "last_change", "probe_latency", "good_probes",
         "bad_probes", "removed", "durations", "duration_sum", "rr_current", "replays",
+        "admin_state", "closed",
     )
 
     def __init__(self, address: Address, index: int):
@@ -62,6 +68,8 @@ class Backend:
         self.good_probes = 0          # consecutive healthy probes (for --rise)
         self.bad_probes = 0           # consecutive failed probes (for --fall)
         self.removed = False          # dropped by a reload: no new traffic, relays drain
+        self.admin_state = READY      # set at run time (admin API): ready, drain or maint
+        self.closed = False           # no new connections: removed, drained or in maintenance
         self.durations = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
         self.rr_current = 0           # smooth weighted round robin's running weight
@@ -325,6 +333,38 @@ class BackendPool:
         if backend.good_probes >= self.rise or backend.state == UNKNOWN:
             self._locked_set_state(backend, UP, reason)
 
+    def set_admin_state(self, name: str, state: str) -> Backend:
+        """Set a backend's administrative state (ready, drain or maint); KeyError if there is none."""
+        with self._lock:
+            backend = self._locked_find(name)
+            previous, backend.admin_state = backend.admin_state, state
+            backend.closed = backend.removed or state != READY
+            if previous == MAINT and state != MAINT:
+                # Not probed while in maintenance: what it was is stale.
+                backend.state, backend.reason = UNKNOWN, "out of maintenance, not probed yet"
+                backend.last_change = time.time()
+            return backend
+
+    def reset_admin_states(self) -> None:
+        """A reload ends every run-time change: all backends ready again."""
+        with self._lock:
+            for backend in self.backends:
+                if backend.admin_state != READY:
+                    if backend.admin_state == MAINT:
+                        backend.state, backend.reason = UNKNOWN, "out of maintenance, not probed yet"
+                    backend.admin_state = READY
+                    backend.closed = backend.removed
+
+    def find(self, name: str) -> Backend:
+        with self._lock:
+            return self._locked_find(name)
+
+    def _locked_find(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name and not backend.removed:
+                return backend
+        raise KeyError(name)
+
     def retry_unchecked(self, interval: float) -> None:
         """Backends without health checks come back up ``interval`` after a failure took them down."""
         now = time.time()
@@ -370,8 +410,8 @@ class BackendPool:
                     backend.address = address  # the weight may have changed
                 kept.append(backend)
             for backend in current.values():
-                backend.removed = True
-                log.info("backend %s removed by reload; %d relay(s) draining", backend.name,
+                backend.removed = backend.closed = True
+                log.info("backend %s removed; %d relay(s) draining", backend.name,
                          backend.active)
             draining = [b for b in current.values() if b.active]
             for i, backend in enumerate(kept):
@@ -381,7 +421,7 @@ class BackendPool:
             self.backends = kept + draining
             self._counting = any(b.reports_load for b in kept)
             for backend in added:
-                log.info("backend %s added by reload", backend.name)
+                log.info("backend %s added", backend.name)
                 if first_probes and backend.name in first_probes:
                     self._locked_apply_probe(backend, *first_probes[backend.name])
             return added
@@ -403,7 +443,7 @@ class BackendPool:
     def any_up(self) -> bool:
         """Is some backend routable now?"""
         with self._lock:
-            return any(b.state == UP and not b.removed for b in self.backends)
+            return any(b.state == UP and not b.closed for b in self.backends)
 
     def snapshot(self) -> list[dict]:
         """A consistent copy of the table, for display."""
@@ -416,6 +456,7 @@ class BackendPool:
                     "responses": dict(b.responses), "failures": b.failures, "replays": b.replays,
                     "last_change": b.last_change, "probe_latency": b.probe_latency,
                     "weight": b.address.weight, "removed": b.removed, "backup": b.backup,
+                    "admin_state": b.admin_state,
                     "check": b.address.check.kind,
                     "durations": list(b.durations), "duration_sum": b.duration_sum,
                 }

@@ -455,6 +455,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin", ("--admin",), admin_address, "",
             "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
             "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT", restart=True),
+    Setting("admin_token_file", ("--admin-token-file",), optional_path, "",
+            "turn on the admin API (/api/ on the --admin endpoint: add, remove, drain and weigh "
+            "backends at run time) for requests bearing the secret this file holds "
+            "(Authorization: Bearer SECRET); off when empty", "FILE", restart=True),
     Setting("access_log", ("--access-log",), optional_path, "",
             "write one line per connection to FILE ('-' for stderr); off when empty", "FILE", restart=True),
     Setting("log_level", ("--log-level",), log_level, "INFO",
@@ -501,6 +505,7 @@ class Config:
     resolve_interval: float = 30.0
     resolvers: str = ""
     admin: str = ""
+    admin_token_file: str = ""
     access_log: str = ""
     log_level: str = "INFO"
 
