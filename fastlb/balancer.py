@@ -40,6 +40,7 @@ from fastlb.admin import ADMIN_MAX_CONNECTIONS, AdminServer
 from fastlb.api import Runtime
 from fastlb.discovery import Discovery, is_spec
 from fastlb.failsafe import INTERNAL_ERRORS
+from fastlb.notify import inherited_listener, notify
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
 from fastlb.router import Router
@@ -184,6 +185,7 @@ class Balancer:
         self.health = HealthChecker(self.pool, config.probe_timeout, config.interval,
                                     self.internal_errors)
         self.listener: Optional[socket.socket] = None
+        self.inherited = False        # the listener came from the service manager (LISTEN_FDS)
         self.port = config.port
         self._stopping = threading.Event()
         # Set once the first probe round is done: from then on clients are routed.
@@ -218,7 +220,19 @@ class Balancer:
     # -- setup -----------------------------------------------------------------
 
     def bind(self) -> None:
-        """Open the listening socket; raise ListenError with a clear message on failure."""
+        """Open the listening socket (or take the service manager's); ListenError with a clear message on failure."""
+        try:
+            inherited = inherited_listener()
+        except OSError as exc:
+            raise ListenError(exc.strerror or str(exc)) from None
+        if inherited is not None:
+            self.listener = inherited
+            self.listener.setblocking(False)
+            self.inherited = True
+            self.port = inherited.getsockname()[1]
+            log.info("listening on the socket the service manager passed (LISTEN_FDS)")
+            self._bind_the_rest()
+            return
         where = "%s:%d" % (self.config.bind, self.config.port)
         try:
             infos = socket.getaddrinfo(self.config.bind, self.config.port, 0, socket.SOCK_STREAM,
@@ -231,6 +245,9 @@ class Balancer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.config.reuseport:
+                # Several fastlb processes on one port; the kernel spreads the connections.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(sockaddr)
             # The kernel caps the backlog at net.core.somaxconn.
             sock.listen(max(1024, min(self.max_connections, 65535)))
@@ -243,12 +260,20 @@ class Balancer:
         sock.setblocking(False)
         self.listener = sock
         self.port = sock.getsockname()[1]
+        if self.config.reuseport and _migrate_requests() == 0:
+            log.warning("--reuseport: net.ipv4.tcp_migrate_req is 0, so connections waiting in this "
+                        "process's accept queue when it exits are reset; set it to 1 (Linux 5.14 or "
+                        "later) for restarts that refuse nobody, or use socket activation")
+        self._bind_the_rest()
+
+    def _bind_the_rest(self) -> None:
+        """The admin endpoint and the access log, once the listener is there."""
         if self.config.admin:
             try:
                 self.admin = AdminServer(self.config.admin, self.stats, errors=self.internal_errors,
                                          api=self.runtime, token=self._admin_token())
             except OSError as exc:
-                sock.close()
+                self.listener.close()
                 self.listener = None
                 raise ListenError("cannot serve the admin endpoint on %s: %s"
                                   % (self.config.admin, exc.strerror or exc)) from None
@@ -303,6 +328,7 @@ class Balancer:
         # first round says which backends are up.
         pending = self.health.first_round()
         self.health_ready.set()
+        notify("READY=1")
         up = sum(b.state == "up" for b in self.pool.backends)
         log.info("first health round done: %d of %d backend(s) up%s", up, len(self.pool.backends),
                  "; %d still being probed" % pending if pending else "")
@@ -320,6 +346,11 @@ class Balancer:
         try:
             self._accept_loop()
         finally:
+            notify("STOPPING=1")
+            if self.config.reuseport or self.inherited:
+                # Another process may serve this port: take what already waits
+                # in our queue rather than let closing reset it.
+                self._accept_what_waits()
             self.listener.close()
             for engine in self.engines:
                 engine.stop()
@@ -462,6 +493,22 @@ class Balancer:
             except Exception as exc:
                 self.internal_errors.record("the accept loop", exc)
                 time.sleep(ACCEPT_PAUSE)
+
+    def _accept_what_waits(self) -> None:
+        """Accept and hand out every connection already in the listen queue, without waiting."""
+        batch = []
+        while len(batch) < self.max_connections:
+            try:
+                fd, addr = self.listener._accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            os.set_blocking(fd, False)
+            batch.append((fd, addr))
+        if batch:
+            log.info("took %d connection(s) waiting in the listen queue before closing it", len(batch))
+            self._dispatch(batch)
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of descriptors (or kernel memory): pause instead of spinning, as HAProxy does."""
@@ -652,6 +699,15 @@ class Balancer:
         for worker in list(self._workers):
             worker.join(1.0)
         log.info("all connections finished")
+
+
+def _migrate_requests() -> int:
+    """net.ipv4.tcp_migrate_req: 1 moves a closing reuseport listener's queue to another (-1: unknown)."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return -1
 
 
 def _load(engine) -> int:

@@ -22,7 +22,7 @@ the admin API.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Union
 
 from fastlb.api import Runtime
 from fastlb.balancer import Balancer

@@ -452,6 +452,10 @@ SETTINGS: tuple[Setting, ...] = (
             "SECONDS"),
     Setting("resolvers", ("--resolvers",), resolver_list, "",
             "DNS servers to ask, as IP[:PORT],... instead of the system's resolver", "IP:PORT,..."),
+    Setting("reuseport", ("--reuseport",), switch, False,
+            "listen with SO_REUSEPORT, so several fastlb processes share the port (a restart "
+            "starts the new one before stopping the old; see docs/deploy.md)", flag=True,
+            restart=True),
     Setting("admin", ("--admin",), admin_address, "",
             "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
             "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT", restart=True),
@@ -504,6 +508,7 @@ class Config:
     retry_on_empty: str = "idempotent"
     resolve_interval: float = 30.0
     resolvers: str = ""
+    reuseport: bool = False
     admin: str = ""
     admin_token_file: str = ""
     access_log: str = ""
