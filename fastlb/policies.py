@@ -234,8 +234,10 @@ class Policy:
 
         Load is entries per unit of weight, then errors, when both report it
         (``--check load``); otherwise relays open per unit of weight.  Two
-        random picks avoid the herd that always-the-least-loaded causes when
-        the figures are stale, while still never picking the most loaded.
+        random picks spread the choices of balancers that see the same stale
+        figures, while never picking the most loaded; with few backends that
+        helps little (measured in docs/deploy.md: with three, leastconn did
+        better for two instances).
         """
         pool = candidates(backends, exclude)
         n = len(pool)
