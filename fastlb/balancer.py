@@ -32,7 +32,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
@@ -40,8 +40,8 @@ from fastlb.admin import ADMIN_MAX_CONNECTIONS, AdminServer
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
-from fastlb.router import Router
-from fastlb.settings import SETTINGS, SettingError, default_balance
+from fastlb.router import Route, Router
+from fastlb.settings import SETTINGS, Config, SettingError, default_balance
 from fastlb.waker import Waker
 
 log = logging.getLogger("fastlb")
@@ -61,7 +61,7 @@ CAPACITY_RECHECK = 0.05
 ACCEPT_PAUSE = 0.1
 
 
-def _peer(addr) -> str:
+def _peer(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return ("[%s]:%d" if ":" in addr[0] else "%s:%d") % (addr[0], addr[1])
     return str(addr)
@@ -109,10 +109,11 @@ class Client:
 
     __slots__ = ("peer", "round", "source")
 
-    def __init__(self, peer, asked_round: int):
+    def __init__(self, peer: Any, asked_round: int):
         self.peer = peer              # the address the connection came from
         self.round = asked_round      # the probe round this connection asked for (0: none)
-        self.source = None            # the client's address from an accepted PROXY header
+        # The client's address from an accepted PROXY header.
+        self.source: Optional[tuple[str, int]] = None
 
 
 class PoolRouter:
@@ -122,7 +123,8 @@ class PoolRouter:
         self.balancer = balancer
         self.pool = balancer.pool
 
-    def choose(self, tried, ticket, client: Client, source=None):
+    def choose(self, tried: Sequence[Any], ticket: Any, client: Client,
+               source: Optional[tuple[str, int]] = None) -> Union[Route, None, Literal[False]]:
         """A route ``(backend, family, ip, port, send_proxy)``, None when nothing is usable, False to wait.
 
         ``source`` is the client's ``(ip, port)`` from an accepted PROXY header, if any.
@@ -169,7 +171,7 @@ class PoolRouter:
 class Balancer:
     """One load balancer instance: ``bind()``, then ``run()`` until ``stop()``."""
 
-    def __init__(self, config):
+    def __init__(self, config: Config):
         self.config = config
         self.pool = BackendPool(config.backends, config.requests, config.rise, config.fall,
                                 config.balance or default_balance(config.check))
@@ -184,7 +186,7 @@ class Balancer:
         self._signals: list[int] = []
         self._term_seen = False
         # What SIGHUP re-reads (the CLI sets it with --config); None: nothing.
-        self.config_source: Optional[Callable[[], object]] = None
+        self.config_source: Optional[Callable[[], Config]] = None
         self._reload_lock = threading.Lock()
         # Wakes the accept loop: stop(), and Python's C-level signal handler
         # when the CLI makes it the wakeup fd (a signal may be delivered to
@@ -197,7 +199,7 @@ class Balancer:
         bridge.set_pipe_budget(self.max_pipes)
         self.router: Router = PoolRouter(self)
         # Read by other threads (accept loop, admin); replaced, never changed in place.
-        self.engines: list = [self._new_engine() for _ in range(config.threads)]
+        self.engines: list[bridge.Engine] = [self._new_engine() for _ in range(config.threads)]
         # True while the accept loop waits for a connection to close
         # (--max-connections open); Router.finished then wakes it.
         self.at_capacity = False
@@ -254,6 +256,8 @@ class Balancer:
         """Probe, start the threads, accept until ``stop()``, then drain."""
         if self.listener is None:
             self.bind()
+        listener = self.listener
+        assert listener is not None
         log.info(
             "fastlb %s (%s bridge) listening on %s:%d; %d worker(s); backends %s; "
             "health check every %d connection(s) and %gs; up to %d open files, "
@@ -290,9 +294,9 @@ class Balancer:
         for i, engine in enumerate(self.engines):
             self._start_worker(engine, "fastlb-worker-%d" % i)
         try:
-            self._accept_loop()
+            self._accept_loop(listener)
         finally:
-            self.listener.close()
+            listener.close()
             for engine in self.engines:
                 engine.stop()
             self._drain()
@@ -304,7 +308,7 @@ class Balancer:
 
     # -- workers -------------------------------------------------------------------
 
-    def _new_engine(self):
+    def _new_engine(self) -> bridge.Engine:
         config = self.config
         engine = bridge.Engine(self.router, config.server_timeout, config.idle_timeout,
                                config.client_timeout, config.connect_timeout,
@@ -313,12 +317,12 @@ class Balancer:
         self.pool.round_listeners.append(engine.wake)
         return engine
 
-    def _start_worker(self, engine, name: str) -> None:
+    def _start_worker(self, engine: bridge.Engine, name: str) -> None:
         worker = threading.Thread(target=self._work, args=(engine, name), name=name, daemon=True)
         self._workers.append(worker)
         worker.start()
 
-    def _work(self, engine, name: str) -> None:
+    def _work(self, engine: bridge.Engine, name: str) -> None:
         """Run one engine; if its loop dies, a fresh engine takes its place in the hand-off.
 
         The engine's own connections were finished and reported as its run
@@ -406,7 +410,7 @@ class Balancer:
 
     # -- accept loop -----------------------------------------------------------
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket) -> None:
         # accept_batch waits and accepts without the GIL (compiled twin) and
         # returns up to a batch at a time, so this thread takes the GIL once
         # per batch: a per-connection Python accept would contend for it with
@@ -420,7 +424,7 @@ class Balancer:
                 if not room:
                     continue
                 try:
-                    batch = bridge.accept_batch(self.listener, self._waker, room)
+                    batch = bridge.accept_batch(listener, self._waker, room)
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         self._accept_failed(exc)
@@ -445,7 +449,7 @@ class Balancer:
                       exc.strerror, ACCEPT_PAUSE)
         time.sleep(ACCEPT_PAUSE)
 
-    def _dispatch(self, batch: list) -> None:
+    def _dispatch(self, batch: list[tuple[int, Any]]) -> None:
         """Count each accepted client and hand it to the least busy engine (or refuse it)."""
         for client, addr in batch:
             try:
@@ -491,7 +495,7 @@ class Balancer:
         self._waker.drain()
         return 0
 
-    def _refuse(self, client, addr) -> None:
+    def _refuse(self, client: int, addr: Any) -> None:
         self.pool.count_queue_full()
         if self.access_log:
             self.access_log.record(_peer(addr), "", 0, 0, 0.0, 503, "queue_full")
@@ -510,10 +514,10 @@ class Balancer:
 
     # -- operations ----------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Everything the admin endpoint shows, as plain data."""
         backends = self.pool.snapshot()
-        totals = {"up": sum(b["state"] == "up" for b in backends),
+        totals: dict[str, Any] = {"up": sum(b["state"] == "up" for b in backends),
                   "responses": {c: sum(b["responses"][c] for b in backends)
                                 for c in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")}}
         for key in ("routed", "active", "bytes_up", "bytes_down", "failures", "replays"):
@@ -536,7 +540,7 @@ class Balancer:
             "backends": backends, "totals": totals,
         }
 
-    def reload(self, config) -> None:
+    def reload(self, config: Config) -> None:
         """Apply a re-read configuration without dropping anything in flight.
 
         Everything takes effect at once (timeouts for connections that start
@@ -588,7 +592,7 @@ class Balancer:
         log.info("all connections finished")
 
 
-def _load(engine) -> int:
+def _load(engine: bridge.Engine) -> int:
     return engine.active
 
 

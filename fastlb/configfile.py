@@ -124,7 +124,7 @@ def _backends(value: Any) -> list[Address]:
     return addresses
 
 
-def _backend_table(item: dict) -> Address:
+def _backend_table(item: dict[str, Any]) -> Address:
     if "address" not in item:
         raise SettingError("a backend table needs an 'address'")
     address = backend(str(item["address"]))

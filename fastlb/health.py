@@ -25,11 +25,11 @@ import logging
 import selectors
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from fastlb.checks import Probe, probe, probe_many
 from fastlb.failsafe import INTERNAL_ERRORS, InternalErrors
-from fastlb.pool import BackendPool
+from fastlb.pool import Backend, BackendPool
 from fastlb.waker import Waker
 
 __all__ = ["HealthChecker", "probe", "probe_many"]
@@ -59,7 +59,7 @@ class HealthChecker:
         self._probes: set[Probe] = set()
         # Rounds that found a backend being probed: they wait for a probe
         # started once the running one ends (``_probe``).
-        self._queued: dict = {}
+        self._queued: dict[Backend, list[list[Any]]] = {}
         self._triggered = False
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
@@ -91,7 +91,7 @@ class HealthChecker:
         # counts as one until every probe has started: a probe that ends
         # inside its constructor (a refused connect) must not finish the round
         # while others are still to start.
-        entry = [self.pool.begin_round(), 1]
+        entry: list[Any] = [self.pool.begin_round(), 1]
         for backend in self.pool.backends:
             kind = backend.address.check.kind
             if kind == "none" or load_only and kind != "load":
@@ -100,7 +100,7 @@ class HealthChecker:
             self._probe(backend, [entry])
         self._probe_ended(entry)
 
-    def _probe(self, backend, rounds: list) -> None:
+    def _probe(self, backend: Backend, rounds: list[list[Any]]) -> None:
         """Start a probe of ``backend`` for ``rounds`` (each already counts it), or queue them behind its running one.
 
         SPEC §2: a round triggered by a connection is over, with probes
@@ -204,7 +204,7 @@ class HealthChecker:
         for entry in one.rounds:
             self._probe_ended(entry)
 
-    def _probe_ended(self, entry: list) -> None:
+    def _probe_ended(self, entry: list[Any]) -> None:
         entry[1] -= 1
         if entry[1] == 0:
             self.pool.finish_round(entry[0])

@@ -68,13 +68,13 @@ class Address:
     send_proxy: int = 0             # PROXY protocol version sent before the client's bytes (0: none)
     # Per-backend settings from the config file, applied over the global ones
     # by ``with_settings``: ((setting name, value), ...).
-    overrides: tuple = ()
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
         return "%s:%d" % (self.host, self.port)
 
-    def with_settings(self, values: dict) -> "Address":
+    def with_settings(self, values: dict[str, Any]) -> "Address":
         """This backend with its check and PROXY settings: its own overrides, else the global ones."""
         merged = dict(values)
         own = dict(self.overrides)
@@ -271,7 +271,7 @@ def switch(text: str) -> bool:
     raise SettingError("expected true or false (got %r)" % text)
 
 
-def make_check(values: dict) -> Check:
+def make_check(values: dict[str, Any]) -> Check:
     """The Check for a backend from its settings; SettingError for options its kind cannot use."""
     kind = values.get("check", "load")
     send, expect = values.get("check_send", ""), values.get("check_expect", "")
@@ -408,7 +408,7 @@ class Config:
     """
 
     port: int
-    backends: list
+    backends: list[Address]
     threads: int = 4
     requests: int = 5
     interval: float = 2.0
@@ -455,7 +455,7 @@ def resolve(address: Address) -> Address:
     # Prefer IPv4 when a name has both, as most backends listen on it.
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
     family, _, _, _, sockaddr = infos[0]
-    return dataclasses.replace(address, ip=sockaddr[0], family=family)
+    return dataclasses.replace(address, ip=str(sockaddr[0]), family=family)
 
 
 def settings_reference() -> str:
