@@ -230,7 +230,7 @@ _DECISIVE_BYTES = PROXY_V1_MAX_LINE
 
 
 def parse_proxy_header(data: Union[bytes, bytearray, memoryview]) -> Optional[ProxyHeader]:
-    """Parse the PROXY protocol header at the start of ``data``: ``(length, source, destination)``, or None.
+    """Parse the PROXY header at the start of ``data``: ``(length, source, destination)``, or None.
 
     None means ``data`` is a valid beginning of a header but not all of it yet.
     ``length`` is the header's size: whatever follows is the client's own
