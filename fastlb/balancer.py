@@ -396,6 +396,16 @@ class Balancer:
         self._stopping.set()
         self._waker.wake()
 
+    def close(self) -> None:
+        """Release what ``run`` leaves open, once it has returned: the accept loop's waker.
+
+        A caller that made ``wakeup_fd`` the signal wakeup fd resets that
+        first.  The health checker closes itself as its thread ends (or here,
+        if ``run`` never started it).
+        """
+        self.health.stop()
+        self._waker.close()
+
     def wake_accept_loop(self) -> None:
         self._waker.wake()
 

@@ -76,8 +76,25 @@ class HealthChecker:
         self._thread.start()
 
     def stop(self) -> None:
+        """End ``run``, which then closes the checker; one that never started is closed here."""
         self._stopped = True
-        self._waker.wake()
+        if self._thread is None:
+            self.close()
+        else:
+            self._waker.wake()   # after close(), a no-op
+
+    def close(self) -> None:
+        """Close the probes still running, the selector and the waker (``run`` does as it ends).
+
+        Only from the thread that owns the selector: the health thread, or the
+        caller of ``first_round`` when no thread was started.
+        """
+        for one in list(self._probes):
+            self._selector.unregister(one.sock)
+            one.close()
+        self._probes.clear()
+        self._selector.close()
+        self._waker.close()
 
     # -- the health-check thread (or the caller of first_round, before it starts) -----
 
@@ -168,9 +185,7 @@ class HealthChecker:
                 self.errors.record("the health checker", exc)
                 # Whatever failed may fail again at once: not a busy loop.
                 time.sleep(ERROR_PAUSE)
-        for one in list(self._probes):
-            self._selector.unregister(one.sock)
-            one.close()
+        self.close()
 
     def _step(self, until: float = float("inf")) -> None:
         """Wait for socket events or the next deadline, and advance the probes."""
