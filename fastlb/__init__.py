@@ -6,7 +6,7 @@
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # Lazily: importing fastlb (for its settings, say) must not start loading the hot path.
     if name in ("serve", "Served"):
         from fastlb import embed

@@ -19,13 +19,18 @@ import select
 import selectors
 import socket
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, build_proxy_header,
+from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, Endpoint, build_proxy_header,
                                parse_proxy_header, parse_status_line)
 from fastlb._twin_common import connect_reason
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.waker import Waker
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
+
+    from fastlb.router import Route, Router
 
 __all__ = [
     "ACCEPT_BATCH", "BUFFER_LIMIT", "LINGER_BYTES", "LINGER_SECONDS", "READ_SIZE", "REPLAY_LIMIT",
@@ -84,7 +89,8 @@ def pipes_in_use() -> int:
     return 0
 
 
-def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACCEPT_BATCH) -> list:
+def accept_batch(listener: socket.socket, waker: HasFileno,
+                 limit: int = ACCEPT_BATCH) -> list[tuple[int, Any]]:
     """Wait for clients on the non-blocking ``listener`` and accept up to ``limit`` of them.
 
     Returns ``[(client, addr), ...]``: ``client`` is a non-blocking,
@@ -105,11 +111,11 @@ def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACC
         return []
     if any(fd == waker.fileno() for fd, _ in ready):
         return []
-    batch: list = []
+    batch: list[tuple[int, Any]] = []
     while len(batch) < min(limit, ACCEPT_BATCH):
         try:
             # The descriptor itself, as accept4 gives it (close-on-exec), not a socket object.
-            fd, addr = listener._accept()
+            fd, addr = listener._accept()  # type: ignore[attr-defined]  # socket's own private call
         except (BlockingIOError, InterruptedError):
             break
         except ConnectionAbortedError:
@@ -131,11 +137,13 @@ class _Conn:
         "reported", "header", "proxied", "preamble", "failed", "copy",
     )
 
-    def __init__(self, client: socket.socket, addr, ticket, now: float, client_timeout: float):
-        self.client, self.server, self.addr, self.ticket = client, None, addr, ticket
-        self.state = WAIT
-        self.token = None
-        self.tried: list = []
+    def __init__(self, client: socket.socket, addr: Any, ticket: Any, now: float,
+                 client_timeout: float):
+        self.client, self.addr, self.ticket = client, addr, ticket
+        self.server: Optional[socket.socket] = None
+        self.state: Optional[str] = WAIT   # None once closed
+        self.token: Any = None            # the router's handle for the backend being tried
+        self.tried: list[Any] = []
         self.accepted = now
         self.deadline = now + client_timeout
         self.up = bytearray()             # client -> backend, not yet written
@@ -153,18 +161,19 @@ class _Conn:
         # --accept-proxy: the PROXY header's bytes taken so far (None once it
         # is complete), and the (source, destination) it carried, if any.
         self.header: Optional[bytearray] = None
-        self.proxied: Optional[tuple] = None
+        self.proxied: Optional[tuple[Optional[Endpoint], Optional[Endpoint]]] = None
         self.preamble = b""               # a PROXY header for the backend, sent before all else
-        self.failed = None                # the end of a side that failed while the other was owed bytes
+        # The end of a side that failed while the other was owed bytes.
+        self.failed: Optional[str] = None
         self.copy: Optional[bytearray] = None   # the client's bytes so far, for a replay
 
 
 class Engine:
     """An event loop relaying many client/backend pairs (see the module comment)."""
 
-    def __init__(self, router, server_timeout: float, idle_timeout: float, client_timeout: float,
-                 connect_timeout: float, splice=None, accept_proxy: bool = False,
-                 retry_on_empty: str = RETRY_IDEMPOTENT):
+    def __init__(self, router: Router, server_timeout: float, idle_timeout: float,
+                 client_timeout: float, connect_timeout: float, splice: Optional[bool] = None,
+                 accept_proxy: bool = False, retry_on_empty: str = RETRY_IDEMPOTENT):
         if retry_on_empty not in (RETRY_NEVER, RETRY_IDEMPOTENT, RETRY_ALWAYS):
             raise ValueError("retry_on_empty must be never, idempotent or always")
         self.router = router
@@ -175,7 +184,7 @@ class Engine:
         self._selector = selectors.DefaultSelector()
         self._waker = Waker()
         self._selector.register(self._waker, READ, None)
-        self._incoming: collections.deque = collections.deque()
+        self._incoming: collections.deque[tuple[socket.socket, Any, Any]] = collections.deque()
         self._conns: set[_Conn] = set()
         self._parked: list[_Conn] = []
         self._unpark = False
@@ -188,7 +197,7 @@ class Engine:
 
     # -- any thread ------------------------------------------------------------------
 
-    def add(self, client, addr=None, ticket=None) -> None:
+    def add(self, client: Union[int, socket.socket], addr: Any = None, ticket: Any = None) -> None:
         """Hand a freshly accepted client to this engine, which now owns it.
 
         ``client`` is a descriptor from ``accept_batch`` or a socket object.
@@ -268,7 +277,7 @@ class Engine:
             self._selector.close()
             self._waker.close()
 
-    def _accept(self, client: socket.socket, addr, ticket) -> None:
+    def _accept(self, client: socket.socket, addr: Any, ticket: Any) -> None:
         conn = _Conn(client, addr, ticket, time.monotonic(), self.client_timeout)
         if self.accept_proxy:
             conn.header = bytearray()
@@ -338,6 +347,7 @@ class Engine:
         client that sends something else is closed as ``bad_proxy_header``.
         """
         taken = conn.header
+        assert taken is not None  # the header is still being read
         try:
             data = conn.client.recv(MAX_PROXY_HEADER - len(taken), socket.MSG_PEEK)
         except BlockingIOError:
@@ -425,7 +435,7 @@ class Engine:
 
     # -- the router: its exceptions cost one connection, never the loop ----------------
 
-    def _choose(self, conn: _Conn):
+    def _choose(self, conn: _Conn) -> Union[Route, None, Literal[False]]:
         """``router.choose`` for conn: a route, None (answer 500) or False (park)."""
         try:
             choice = self.router.choose(conn.tried, conn.ticket, conn.addr,
@@ -438,19 +448,21 @@ class Engine:
             INTERNAL_ERRORS.record("the router's choose", exc)
             return None
 
-    def _tell_connect_failed(self, token, reason: str) -> None:
+    def _tell_connect_failed(self, token: Any, reason: str) -> None:
         try:
             self.router.connect_failed(token, reason)
         except Exception as exc:
             INTERNAL_ERRORS.record("the router's connect_failed", exc)
 
     def _on_connected(self, conn: _Conn, checked: bool = False) -> None:
+        server = conn.server
+        assert server is not None  # CONNECTING
         if not checked:
-            code = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            code = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
                 self._connect_failed(conn, connect_reason(code))
                 return
-        conn.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.state = RELAYING
         conn.last_up = time.monotonic()
         conn.deadline = conn.last_up + self.server_timeout
@@ -458,7 +470,7 @@ class Engine:
             # Before any client byte; what the socket does not take waits in
             # the buffer, where the client's bytes queue behind it.
             try:
-                sent = conn.server.send(conn.preamble)
+                sent = server.send(conn.preamble)
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -488,6 +500,7 @@ class Engine:
             return build_proxy_header(version, None, None)
 
     def _connect_failed(self, conn: _Conn, reason: str) -> None:
+        assert conn.server is not None  # CONNECTING
         self._watch(conn, conn.client_mask, 0)
         conn.server.close()
         conn.server = None
@@ -507,8 +520,9 @@ class Engine:
         else:
             self._update(conn)
 
-    def _pump(self, conn: _Conn, from_client: bool):
+    def _pump(self, conn: _Conn, from_client: bool) -> Optional[str]:
         """Read once from one side and pass it on; return an end reason or None."""
+        assert conn.server is not None  # RELAYING
         src, dst = (conn.client, conn.server) if from_client else (conn.server, conn.client)
         try:
             data = src.recv(READ_SIZE)
@@ -555,8 +569,9 @@ class Engine:
             pending += data
         return None
 
-    def _flush(self, conn: _Conn, to_server: bool):
+    def _flush(self, conn: _Conn, to_server: bool) -> Optional[str]:
         """Write what one direction holds; return an end reason or None."""
+        assert conn.server is not None  # RELAYING
         pending, dst = (conn.up, conn.server) if to_server else (conn.down, conn.client)
         if not pending:
             return None
@@ -586,6 +601,7 @@ class Engine:
             self._finish(conn, conn.failed or "done")
             return
         if up_done and not conn.up_shut:
+            assert conn.server is not None  # RELAYING
             conn.up_shut = True
             _shutdown_write(conn.server)
         if down_done and not conn.down_shut:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import errno
+from typing import Optional
 
 RelayResult = collections.namedtuple(
     "RelayResult", "bytes_up bytes_down up_end down_end end status", module="fastlb.bridge"
@@ -33,7 +34,7 @@ status       status code of the first response passed to the client, 0 when
 SPLICE_AUTO, SPLICE_ALWAYS, SPLICE_NEVER = 0, 1, 2
 
 
-def splice_mode(splice) -> int:
+def splice_mode(splice: Optional[bool]) -> int:
     """None: automatic (splice(2) once a direction carried 1 MiB in full reads); True: always; False: never."""
     return SPLICE_AUTO if splice is None else SPLICE_ALWAYS if splice else SPLICE_NEVER
 

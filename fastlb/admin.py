@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 from urllib.parse import unquote
 
 from fastlb.failsafe import INTERNAL_ERRORS, InternalErrors
@@ -43,7 +43,7 @@ ADMIN_MAX_CONNECTIONS = 32
 API_MAX_BODY = 65536
 
 
-def human_bytes(count: int) -> str:
+def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
@@ -51,7 +51,7 @@ def human_bytes(count: int) -> str:
     return str(count)
 
 
-def render_page(stats: dict) -> str:
+def render_page(stats: dict[str, Any]) -> str:
     """The HTML stats page: one row per backend and a totals row; it refreshes itself."""
     esc = html.escape
     rows = []
@@ -136,11 +136,12 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(stats: dict) -> str:
+def render_metrics(stats: dict[str, Any]) -> str:
     """The Prometheus text exposition format (version 0.0.4)."""
     out: list[str] = []
 
-    def family(name: str, kind: str, help_text: str, samples) -> None:
+    def family(name: str, kind: str, help_text: str,
+               samples: Iterable[tuple[tuple[tuple[str, Any], ...], Any]]) -> None:
         out.append("# HELP %s %s" % (name, help_text))
         out.append("# TYPE %s %s" % (name, kind))
         for labels, value in samples:
@@ -184,7 +185,8 @@ def render_metrics(stats: dict) -> str:
     family("fastlb_queued_connections", "gauge", "Connections waiting for a worker.",
            [((), stats["queue_length"])])
 
-    def per_backend(name, kind, help_text, key):
+    def per_backend(name: str, kind: str, help_text: str,
+                    key: Callable[[dict[str, Any]], Any]) -> None:
         family(name, kind, help_text, [((("backend", b["backend"]),), key(b)) for b in backends])
 
     per_backend("fastlb_backend_up", "gauge", "1 when the backend is up, else 0.",
@@ -234,7 +236,7 @@ def render_metrics(stats: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _number(value) -> str:
+def _number(value: Any) -> str:
     if isinstance(value, float):
         if value != value:
             return "NaN"
@@ -245,7 +247,8 @@ def _number(value) -> str:
 class AdminServer:
     """Serves the admin endpoint from ``stats()`` in background threads."""
 
-    def __init__(self, address: str, stats: Callable[[], dict], timeout: float = ADMIN_TIMEOUT,
+    def __init__(self, address: str, stats: Callable[[], dict[str, Any]],
+                 timeout: float = ADMIN_TIMEOUT,
                  max_connections: int = ADMIN_MAX_CONNECTIONS, errors: Optional[InternalErrors] = None,
                  api: Optional["Runtime"] = None, token: bytes = b""):
         host, _, port = address.rpartition(":")
@@ -262,16 +265,17 @@ class AdminServer:
             server_version = "fastlb-admin"
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args):  # per-request logs stay off, as for the relay
+            # Per-request logs stay off, as for the relay.
+            def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_HEAD(self):
+            def do_HEAD(self) -> None:
                 self.do_GET(head=True)
 
-            def do_POST(self):
+            def do_POST(self) -> None:
                 self._api("POST")
 
-            def do_DELETE(self):
+            def do_DELETE(self) -> None:
                 self._api("DELETE")
 
             def _api(self, method: str) -> None:
@@ -286,7 +290,7 @@ class AdminServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self, head=False):
+            def do_GET(self, head: bool = False) -> None:
                 path = self.path.split("?", 1)[0]
                 if path.startswith("/api/"):
                     self._api("GET")
@@ -321,7 +325,7 @@ class AdminServer:
             allow_reuse_address = True
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
-            def process_request(self, request, client_address):
+            def process_request(self, request: Any, client_address: Any) -> None:
                 if not slots.acquire(blocking=False):
                     admin.refused += 1
                     self.shutdown_request(request)
@@ -332,16 +336,16 @@ class AdminServer:
                     slots.release()
                     raise
 
-            def process_request_thread(self, request, client_address):
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
                 try:
                     super().process_request_thread(request, client_address)
                 finally:
                     slots.release()
 
-            def handle_error(self, request, client_address):
+            def handle_error(self, request: Any, client_address: Any) -> None:
                 # A client that vanished mid-answer is not an error of ours.
                 exc = sys.exc_info()[1]
-                if not isinstance(exc, (ConnectionError, socket.timeout)):
+                if exc is not None and not isinstance(exc, (ConnectionError, socket.timeout)):
                     admin.errors.record("the admin endpoint", exc)
 
         self.httpd = Server((host, int(port)), Handler)
@@ -349,7 +353,7 @@ class AdminServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fastlb-admin",
                                        daemon=True)
 
-    def handle_api(self, method: str, target: str, headers, body) -> tuple[int, Any]:
+    def handle_api(self, method: str, target: str, headers: Any, body: Any) -> tuple[int, Any]:
         """One API request: ``(status, JSON-able answer)``; see fastlb.api for what each does."""
         if self.api is None:
             return 404, {"error": "the admin API is off (--admin-token-file)"}
@@ -378,7 +382,7 @@ class AdminServer:
         return 404, {"error": "no such API: %s %s" % (method, target)}
 
     @staticmethod
-    def _payload(headers, body) -> Any:
+    def _payload(headers: Any, body: Any) -> Any:
         try:
             length = int(headers.get("Content-Length", ""))
         except ValueError:

@@ -52,7 +52,7 @@ class Runtime:
         """A reload: back to the configuration."""
         self.added, self.removed, self.weights = [], set(), {}
 
-    def desired(self, specs: list) -> list[Address]:
+    def desired(self, specs: list[Address]) -> list[Address]:
         """The backends to serve: configured and added specs, expanded, less removed, reweighed."""
         found = self.balancer.discovery.expand(list(specs) + self.added)
         return [dataclasses.replace(a, weight=self.weights[a.name]) if a.name in self.weights else a
@@ -60,10 +60,10 @@ class Runtime:
 
     # -- the changes ------------------------------------------------------------------
 
-    def backends(self) -> list[dict]:
+    def backends(self) -> list[dict[str, Any]]:
         return self.balancer.pool.snapshot()
 
-    def add(self, settings: dict) -> list[dict]:
+    def add(self, settings: Any) -> list[dict[str, Any]]:
         """Add a backend from ``{"address": "HOST:PORT", "weight": N, "backup": bool, "check": ..., ...}``."""
         if not isinstance(settings, dict):
             raise ApiError(400, "expected a JSON object with an 'address'")
@@ -91,7 +91,7 @@ class Runtime:
             self.balancer.apply_runtime()
         log.info("api: backend %s removed; its relays drain", name)
 
-    def set_state(self, name: str, state: Any) -> dict:
+    def set_state(self, name: str, state: Any) -> Optional[dict[str, Any]]:
         if state not in ADMIN_STATES:
             raise ApiError(400, "state must be one of %s (got %r)" % (", ".join(ADMIN_STATES), state))
         with self.lock:
@@ -105,7 +105,7 @@ class Runtime:
             self.balancer.probe_now([backend])
         return self._row(name)
 
-    def set_weight(self, name: str, weight: Any) -> dict:
+    def set_weight(self, name: str, weight: Any) -> Optional[dict[str, Any]]:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 1000:
             raise ApiError(400, "weight must be a whole number from 1 to 1000 (got %r)" % (weight,))
         with self.lock:
@@ -122,5 +122,5 @@ class Runtime:
                 return
         raise ApiError(404, "no backend %s" % name)
 
-    def _row(self, name: str) -> Optional[dict]:
+    def _row(self, name: str) -> Optional[dict[str, Any]]:
         return next((b for b in self.backends() if b["backend"] == name and not b["removed"]), None)

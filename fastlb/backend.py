@@ -71,7 +71,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Optional
 from urllib.parse import unquote_to_bytes
 
 from fastlb.settings import argparse_type, at_least_one, port_or_zero, seconds
@@ -154,7 +154,7 @@ class Request:
     method: str
     target: str
     version: str                      # "HTTP/1.0" or "HTTP/1.1"
-    headers: dict                     # lower-case name -> value; repeated fields joined by ", "
+    headers: dict[str, str]           # lower-case name -> value; repeated fields joined by ", "
     content_length: Optional[int]     # None when the request has no Content-Length
     chunked: bool                     # a Transfer-Encoding we cannot frame
     keep_alive: bool
@@ -167,7 +167,7 @@ def read_request(rfile: BinaryIO, limit: int = MAX_HEAD_BYTES) -> Optional[Reque
     Raises HTTPError(400) for a malformed or oversized head, or one cut short by EOF.
     """
     budget = limit
-    lines = []
+    lines: list[str] = []
     while True:
         raw = rfile.readline(budget + 1)
         if not raw:
@@ -190,7 +190,7 @@ def read_request(rfile: BinaryIO, limit: int = MAX_HEAD_BYTES) -> Optional[Reque
     return build_request(method, target, version, parse_headers(lines[1:]))
 
 
-def parse_request_line(line: str) -> tuple:
+def parse_request_line(line: str) -> tuple[str, str, str]:
     """Split ``METHOD TARGET HTTP/1.x`` into its three parts."""
     parts = line.split(" ")
     if len(parts) != 3:
@@ -207,9 +207,9 @@ def parse_request_line(line: str) -> tuple:
     return method, target, "HTTP/1.0" if match.group(2) == "0" else "HTTP/1.1"
 
 
-def parse_headers(lines: list) -> dict:
+def parse_headers(lines: list[str]) -> dict[str, str]:
     """Parse ``Name: value`` lines into a dict keyed by lower-case name."""
-    headers: dict = {}
+    headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(":")
         # A token check also rejects "Name :" and obsolete line folding, both
@@ -224,7 +224,7 @@ def parse_headers(lines: list) -> dict:
     return headers
 
 
-def build_request(method: str, target: str, version: str, headers: dict) -> Request:
+def build_request(method: str, target: str, version: str, headers: dict[str, str]) -> Request:
     """Derive body framing and connection handling from a parsed head."""
     content_length = None
     if "content-length" in headers:
@@ -313,7 +313,7 @@ class _SocketReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         wait = min(self.timeout, self.deadline - time.monotonic())
         if wait <= 0:
             raise socket.timeout("deadline passed")
@@ -324,7 +324,7 @@ class _SocketReader(io.RawIOBase):
 class _Connection:
     """One client connection: answers its requests in turn until either side is done."""
 
-    def __init__(self, server: FileServer, sock: socket.socket, peer: tuple):
+    def __init__(self, server: FileServer, sock: socket.socket, peer: tuple[Any, ...]):
         self.server = server
         self.sock = sock
         self.peer = "%s:%s" % peer[:2]
@@ -583,10 +583,12 @@ class FileServer:
         self._slot_freed = threading.Condition(self._lock)  # a connection left _sockets, or stopping
         self._entries = 0
         self._errors = 0
-        self._sockets: set = set()     # open client connections, at most max_connections; cut by stop()
+        # Open client connections, at most max_connections; cut by stop().
+        self._sockets: set[socket.socket] = set()
         self._stopping = False
         self._listener: Optional[socket.socket] = None
-        self._wakeup: tuple = ()       # a socket pair: stop() writes to [1] to end the accept loop
+        # A socket pair: stop() writes to [1] to end the accept loop.
+        self._wakeup: tuple[socket.socket, ...] = ()
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -604,7 +606,7 @@ class FileServer:
         with self._lock:
             return self._errors
 
-    def counts(self) -> tuple:
+    def counts(self) -> tuple[int, int]:
         """``(errors, entries)`` taken together, as /healthcheck reports them."""
         with self._lock:
             return self._errors, self._entries
@@ -647,6 +649,7 @@ class FileServer:
             self._stopping = True
             self._slot_freed.notify_all()
         self._wakeup[1].send(b"\0")
+        assert self._thread is not None  # started with the listener
         self._thread.join()
         listener.close()  # connections still in the backlog are reset
         for end in self._wakeup:
@@ -697,7 +700,7 @@ class FileServer:
                 log.warning("cannot serve the connection from %s:%s: %s", *peer[:2], exc)
                 self._forget(sock)
 
-    def serve_connection(self, sock: socket.socket, peer: tuple) -> None:
+    def serve_connection(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         """Answer requests on one accepted connection until it ends (runs in its own thread)."""
         try:
             _Connection(self, sock, peer).serve()
@@ -719,7 +722,7 @@ class FileServer:
     def __enter__(self) -> FileServer:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
@@ -750,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     """Run the server until SIGTERM or SIGINT; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)

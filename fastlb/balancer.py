@@ -32,7 +32,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 from fastlb import __version__, bridge
 from fastlb.accesslog import AccessLog
@@ -43,8 +43,8 @@ from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.notify import inherited_listener, notify
 from fastlb.health import HealthChecker, probe_many
 from fastlb.pool import Backend, BackendPool
-from fastlb.router import Router
-from fastlb.settings import SETTINGS, SettingError, default_balance, parse_resolvers
+from fastlb.router import Route, Router
+from fastlb.settings import SETTINGS, Address, Config, SettingError, default_balance, parse_resolvers
 from fastlb.waker import Waker
 
 log = logging.getLogger("fastlb")
@@ -64,7 +64,7 @@ CAPACITY_RECHECK = 0.05
 ACCEPT_PAUSE = 0.1
 
 
-def _peer(addr) -> str:
+def _peer(addr: Any) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return ("[%s]:%d" if ":" in addr[0] else "%s:%d") % (addr[0], addr[1])
     return str(addr)
@@ -112,10 +112,11 @@ class Client:
 
     __slots__ = ("peer", "round", "source")
 
-    def __init__(self, peer, asked_round: int):
+    def __init__(self, peer: Any, asked_round: int):
         self.peer = peer              # the address the connection came from
         self.round = asked_round      # the probe round this connection asked for (0: none)
-        self.source = None            # the client's address from an accepted PROXY header
+        # The client's address from an accepted PROXY header.
+        self.source: Optional[tuple[str, int]] = None
 
 
 class PoolRouter:
@@ -125,7 +126,8 @@ class PoolRouter:
         self.balancer = balancer
         self.pool = balancer.pool
 
-    def choose(self, tried, ticket, client: Client, source=None):
+    def choose(self, tried: Sequence[Any], ticket: Any, client: Client,
+               source: Optional[tuple[str, int]] = None) -> Union[Route, None, Literal[False]]:
         """A route ``(backend, family, ip, port, send_proxy)``, None when nothing is usable, False to wait.
 
         ``source`` is the client's ``(ip, port)`` from an accepted PROXY header, if any.
@@ -172,7 +174,7 @@ class PoolRouter:
 class Balancer:
     """One load balancer instance: ``bind()``, then ``run()`` until ``stop()``."""
 
-    def __init__(self, config):
+    def __init__(self, config: Config):
         self.config = config
         # Backends given by name stand for what DNS says (fastlb.discovery).
         self.discovery = Discovery(parse_resolvers(config.resolvers))
@@ -194,7 +196,7 @@ class Balancer:
         self._signals: list[int] = []
         self._term_seen = False
         # What SIGHUP re-reads (the CLI sets it with --config); None: nothing.
-        self.config_source: Optional[Callable[[], object]] = None
+        self.config_source: Optional[Callable[[], Config]] = None
         self._reload_lock = threading.Lock()
         # Wakes the accept loop: stop(), and Python's C-level signal handler
         # when the CLI makes it the wakeup fd (a signal may be delivered to
@@ -207,7 +209,7 @@ class Balancer:
         bridge.set_pipe_budget(self.max_pipes)
         self.router: Router = PoolRouter(self)
         # Read by other threads (accept loop, admin); replaced, never changed in place.
-        self.engines: list = [self._new_engine() for _ in range(config.threads)]
+        self.engines: list[bridge.Engine] = [self._new_engine() for _ in range(config.threads)]
         # True while the accept loop waits for a connection to close
         # (--max-connections open); Router.finished then wakes it.
         self.at_capacity = False
@@ -273,7 +275,8 @@ class Balancer:
                 self.admin = AdminServer(self.config.admin, self.stats, errors=self.internal_errors,
                                          api=self.runtime, token=self._admin_token())
             except OSError as exc:
-                self.listener.close()
+                if self.listener is not None:
+                    self.listener.close()
                 self.listener = None
                 raise ListenError("cannot serve the admin endpoint on %s: %s"
                                   % (self.config.admin, exc.strerror or exc)) from None
@@ -304,6 +307,8 @@ class Balancer:
         """Probe, start the threads, accept until ``stop()``, then drain."""
         if self.listener is None:
             self.bind()
+        listener = self.listener
+        assert listener is not None
         log.info(
             "fastlb %s (%s bridge) listening on %s:%d; %d worker(s); backends %s; "
             "health check every %d connection(s) and %gs; up to %d open files, "
@@ -344,14 +349,14 @@ class Balancer:
         for i, engine in enumerate(self.engines):
             self._start_worker(engine, "fastlb-worker-%d" % i)
         try:
-            self._accept_loop()
+            self._accept_loop(listener)
         finally:
             notify("STOPPING=1")
             if self.config.reuseport or self.inherited:
                 # Another process may serve this port: take what already waits
                 # in our queue rather than let closing reset it.
                 self._accept_what_waits()
-            self.listener.close()
+            listener.close()
             for engine in self.engines:
                 engine.stop()
             self._drain()
@@ -363,7 +368,7 @@ class Balancer:
 
     # -- workers -------------------------------------------------------------------
 
-    def _new_engine(self):
+    def _new_engine(self) -> bridge.Engine:
         config = self.config
         engine = bridge.Engine(self.router, config.server_timeout, config.idle_timeout,
                                config.client_timeout, config.connect_timeout,
@@ -372,12 +377,12 @@ class Balancer:
         self.pool.round_listeners.append(engine.wake)
         return engine
 
-    def _start_worker(self, engine, name: str) -> None:
+    def _start_worker(self, engine: bridge.Engine, name: str) -> None:
         worker = threading.Thread(target=self._work, args=(engine, name), name=name, daemon=True)
         self._workers.append(worker)
         worker.start()
 
-    def _work(self, engine, name: str) -> None:
+    def _work(self, engine: bridge.Engine, name: str) -> None:
         """Run one engine; if its loop dies, a fresh engine takes its place in the hand-off.
 
         The engine's own connections were finished and reported as its run
@@ -451,6 +456,16 @@ class Balancer:
         self._stopping.set()
         self._waker.wake()
 
+    def close(self) -> None:
+        """Release what ``run`` leaves open, once it has returned: the accept loop's waker.
+
+        A caller that made ``wakeup_fd`` the signal wakeup fd resets that
+        first.  The health checker closes itself as its thread ends (or here,
+        if ``run`` never started it).
+        """
+        self.health.stop()
+        self._waker.close()
+
     def wake_accept_loop(self) -> None:
         self._waker.wake()
 
@@ -465,7 +480,7 @@ class Balancer:
 
     # -- accept loop -----------------------------------------------------------
 
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, listener: socket.socket) -> None:
         # accept_batch waits and accepts without the GIL (compiled twin) and
         # returns up to a batch at a time, so this thread takes the GIL once
         # per batch: a per-connection Python accept would contend for it with
@@ -479,7 +494,7 @@ class Balancer:
                 if not room:
                     continue
                 try:
-                    batch = bridge.accept_batch(self.listener, self._waker, room)
+                    batch = bridge.accept_batch(listener, self._waker, room)
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         self._accept_failed(exc)
@@ -496,10 +511,12 @@ class Balancer:
 
     def _accept_what_waits(self) -> None:
         """Accept and hand out every connection already in the listen queue, without waiting."""
-        batch = []
+        listener = self.listener
+        assert listener is not None
+        batch: list[tuple[int, Any]] = []
         while len(batch) < self.max_connections:
             try:
-                fd, addr = self.listener._accept()
+                fd, addr = listener._accept()  # type: ignore[attr-defined]  # the descriptor, not a socket
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
@@ -520,7 +537,7 @@ class Balancer:
                       exc.strerror, ACCEPT_PAUSE)
         time.sleep(ACCEPT_PAUSE)
 
-    def _dispatch(self, batch: list) -> None:
+    def _dispatch(self, batch: list[tuple[int, Any]]) -> None:
         """Count each accepted client and hand it to the least busy engine (or refuse it)."""
         for client, addr in batch:
             try:
@@ -566,7 +583,7 @@ class Balancer:
         self._waker.drain()
         return 0
 
-    def _refuse(self, client, addr) -> None:
+    def _refuse(self, client: int, addr: Any) -> None:
         self.pool.count_queue_full()
         if self.access_log:
             self.access_log.record(_peer(addr), "", 0, 0, 0.0, 503, "queue_full")
@@ -585,10 +602,10 @@ class Balancer:
 
     # -- operations ----------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Everything the admin endpoint shows, as plain data."""
         backends = self.pool.snapshot()
-        totals = {"up": sum(b["state"] == "up" for b in backends),
+        totals: dict[str, Any] = {"up": sum(b["state"] == "up" for b in backends),
                   "responses": {c: sum(b["responses"][c] for b in backends)
                                 for c in ("1xx", "2xx", "3xx", "4xx", "5xx", "other")}}
         for key in ("routed", "active", "bytes_up", "bytes_down", "failures", "replays"):
@@ -611,7 +628,7 @@ class Balancer:
             "backends": backends, "totals": totals,
         }
 
-    def reload(self, config) -> None:
+    def reload(self, config: Config) -> None:
         """Apply a re-read configuration without dropping anything in flight.
 
         Everything takes effect at once (timeouts for connections that start
@@ -641,7 +658,7 @@ class Balancer:
             self.access_log.reopen()
         log.info("reload: %d backend(s), %d new", len(backends), len(added))
 
-    def _apply_backends(self, addresses: list, config) -> list:
+    def _apply_backends(self, addresses: list[Address], config: Config) -> list[Backend]:
         """Swap the backend table for ``addresses``; the new backends are probed before the swap.
 
         So traffic never meets a table whose only candidates are still
@@ -654,11 +671,11 @@ class Balancer:
         return self.pool.update(addresses, config.requests, config.rise, config.fall,
                                 first_probes, config.balance or default_balance(config.check))
 
-    def apply_runtime(self) -> list:
+    def apply_runtime(self) -> list[Backend]:
         """Serve what the configuration and the run-time changes say now (``fastlb.api``); the caller holds runtime.lock."""
         return self._apply_backends(self.runtime.desired(self.config.backends), self.config)
 
-    def probe_now(self, backends: list) -> None:
+    def probe_now(self, backends: list[Backend]) -> None:
         """Probe these backends at once and apply the outcomes (a backend out of maintenance)."""
         outcomes = probe_many([b.address for b in backends], self.config.probe_timeout)
         for backend in backends:
@@ -710,11 +727,11 @@ def _migrate_requests() -> int:
         return -1
 
 
-def _load(engine) -> int:
+def _load(engine: bridge.Engine) -> int:
     return engine.active
 
 
-def _identity(addresses) -> list:
+def _identity(addresses: list[Address]) -> list[tuple[str, int, bool]]:
     """What makes two backend lists the same table: names, in order, with weight and backup."""
     return [(a.name, a.weight, a.backup) for a in addresses]
 

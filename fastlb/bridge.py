@@ -71,5 +71,5 @@ class Twin:
         return importlib.import_module("fastlb._engine_py" if self.name == "python" else "fastlb._engine")
 
     @property
-    def env(self) -> dict:
+    def env(self) -> dict[str, str]:
         return {"FASTLB_NO_EXTENSIONS": "1" if self.name == "python" else ""}

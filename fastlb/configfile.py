@@ -126,7 +126,7 @@ def _backends(value: Any) -> list[Address]:
     return addresses
 
 
-def backend_table(item: dict) -> Address:
+def backend_table(item: dict[str, Any]) -> Address:
     """A backend from a table (config file, admin API): address, weight, backup and per-backend settings."""
     if "address" not in item:
         raise SettingError("a backend table needs an 'address'")
@@ -153,7 +153,7 @@ def backend_table(item: dict) -> Address:
     return dataclasses.replace(address, weight=weight, backup=backup, overrides=tuple(overrides))
 
 
-def complete(values: dict, where: str = "") -> Config:
+def complete(values: dict[str, Any], where: str = "") -> Config:
     """A Config from every setting's value, the port and the backends; SettingError when they do not fit.
 
     What the command line, the config file and ``fastlb.serve`` share once

@@ -27,7 +27,7 @@ import dataclasses
 import ipaddress
 import logging
 import socket
-from typing import Sequence
+from typing import Any, Sequence
 
 from fastlb.settings import SRV_PREFIX, Address, SettingError
 
@@ -69,11 +69,11 @@ class Discovery:
     def __init__(self, resolvers: Sequence[tuple[str, int]] = ()):
         self.resolvers = list(resolvers)
         self._known: dict[str, list[Address]] = {}
-        self._dns = None
+        self._dns: Any = None     # a dns.resolver.Resolver, made on first use
 
     # -- lookups -----------------------------------------------------------------
 
-    def _resolver(self):
+    def _resolver(self) -> Any:
         if self._dns is None:
             import dns.resolver
 
@@ -90,7 +90,7 @@ class Discovery:
             self._dns = resolver
         return self._dns
 
-    def _query(self, name: str, kind: str) -> list:
+    def _query(self, name: str, kind: str) -> list[Any]:
         import dns.exception
         import dns.resolver
 
@@ -105,9 +105,9 @@ class Discovery:
     def addresses(self, host: str, port: int) -> list[tuple[int, str]]:
         """``[(family, ip), ...]`` for host; [] when it has none; Unanswered when DNS did not say."""
         if self.resolvers:
-            found = [(socket.AF_INET, r.address) for r in self._query(host, "A")]
+            found = [(int(socket.AF_INET), str(r.address)) for r in self._query(host, "A")]
             if not found:
-                found = [(socket.AF_INET6, r.address) for r in self._query(host, "AAAA")]
+                found = [(int(socket.AF_INET6), str(r.address)) for r in self._query(host, "AAAA")]
             return _prefer_ipv4(found)
         try:
             infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
@@ -117,7 +117,7 @@ class Discovery:
             raise Unanswered("%s: %s" % (host, exc.strerror)) from None
         except UnicodeError:
             return []     # the IDNA codec refuses the name: it cannot exist
-        return _prefer_ipv4([(family, sockaddr[0]) for family, _, _, _, sockaddr in infos])
+        return _prefer_ipv4([(int(family), str(sockaddr[0])) for family, _, _, _, sockaddr in infos])
 
     # -- specs ----------------------------------------------------------------------
 

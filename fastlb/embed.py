@@ -22,12 +22,12 @@ the admin API.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 from fastlb.api import Runtime
 from fastlb.balancer import Balancer
 from fastlb.configfile import backend_table, complete
-from fastlb.settings import SETTINGS, SettingError, backend
+from fastlb.settings import SETTINGS, Address, SettingError, backend
 
 __all__ = ["serve", "Served"]
 
@@ -35,7 +35,7 @@ __all__ = ["serve", "Served"]
 JOIN_MARGIN = 10.0
 
 
-def _setting_values(settings: dict) -> dict:
+def _setting_values(settings: dict[str, Any]) -> dict[str, Any]:
     by_name = {setting.name: setting for setting in SETTINGS}
     values = {setting.name: setting.default for setting in SETTINGS}
     for name, value in settings.items():
@@ -51,7 +51,7 @@ def _setting_values(settings: dict) -> dict:
     return values
 
 
-def _backend(item: Union[str, int, dict]):
+def _backend(item: Union[str, int, dict[str, Any]]) -> Address:
     return backend_table(dict(item)) if isinstance(item, dict) else backend(str(item))
 
 
@@ -73,7 +73,7 @@ class Served:
 
     # -- run-time changes (fastlb.api) ----------------------------------------------
 
-    def add(self, address: Union[str, int], **settings: Any) -> list[dict]:
+    def add(self, address: Union[str, int], **settings: Any) -> list[dict[str, Any]]:
         """Add a backend (``"HOST:PORT"``, with ``weight``, ``backup``, ``check`` ... as in the config file)."""
         return self.api.add(dict(settings, address=str(address)))
 
@@ -81,21 +81,21 @@ class Served:
         """Drain then remove a backend: no new connections, gone once its relays are done."""
         self.api.remove(name)
 
-    def drain(self, name: str) -> dict:
+    def drain(self, name: str) -> Optional[dict[str, Any]]:
         """No new connections for this backend (still probed); ``ready`` undoes it."""
         return self.api.set_state(name, "drain")
 
-    def ready(self, name: str) -> dict:
+    def ready(self, name: str) -> Optional[dict[str, Any]]:
         return self.api.set_state(name, "ready")
 
-    def maint(self, name: str) -> dict:
+    def maint(self, name: str) -> Optional[dict[str, Any]]:
         """Neither routed to nor probed, until ``ready``."""
         return self.api.set_state(name, "maint")
 
-    def set_weight(self, name: str, weight: int) -> dict:
+    def set_weight(self, name: str, weight: int) -> Optional[dict[str, Any]]:
         return self.api.set_weight(name, weight)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """What the admin endpoint's /stats.json shows."""
         return self.balancer.stats()
 
@@ -113,7 +113,7 @@ class Served:
         self.close()
 
 
-def serve(backends: Iterable[Union[str, int, dict]], port: int = 0, bind: str = "127.0.0.1",
+def serve(backends: Iterable[Union[str, int, dict[str, Any]]], port: int = 0, bind: str = "127.0.0.1",
           **settings: Any) -> Served:
     """Start a balancer in this process on ``bind``:``port`` (0: a free port, see ``.port``).
 

@@ -9,7 +9,7 @@ method that raises costs that one connection, never the engine's loop.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Literal, Optional, Protocol, Sequence, Tuple, Union
 
 # A backend to connect to: (token, address family, ip, port, PROXY version or 0).
 # ``token`` is the router's own handle for the backend, handed back as is.
@@ -18,7 +18,7 @@ Route = Tuple[Any, int, str, int, int]
 
 class Router(Protocol):
     def choose(self, tried: Sequence[Any], ticket: Any, client: Any,
-               source: Optional[Tuple[str, int]]) -> Union[Route, None, bool]:
+               source: Optional[Tuple[str, int]]) -> Union[Route, None, Literal[False]]:
         """The backend for a connection: a Route, None (nothing usable: the client gets the 500)
         or False (park: ask again when woken or ROUTE_WAIT later).
 

@@ -70,7 +70,7 @@ class Address:
     send_proxy: int = 0             # PROXY protocol version sent before the client's bytes (0: none)
     # Per-backend settings from the config file, applied over the global ones
     # by ``with_settings``: ((setting name, value), ...).
-    overrides: tuple = ()
+    overrides: tuple[tuple[str, Any], ...] = ()
     # For a backend found through DNS, the name of what it was found from
     # (``HOST:PORT`` or ``srv:NAME``); empty for one given as an address.
     origin: str = ""
@@ -83,7 +83,7 @@ class Address:
         # One name, several addresses: each backend is named by both.
         return "%s@%s" % (name, self.ip) if self.origin else name
 
-    def with_settings(self, values: dict) -> "Address":
+    def with_settings(self, values: dict[str, Any]) -> "Address":
         """This backend with its check and PROXY settings: its own overrides, else the global ones."""
         merged = dict(values)
         own = dict(self.overrides)
@@ -296,7 +296,7 @@ def switch(text: str) -> bool:
     raise SettingError("expected true or false (got %r)" % text)
 
 
-def make_check(values: dict) -> Check:
+def make_check(values: dict[str, Any]) -> Check:
     """The Check for a backend from its settings; SettingError for options its kind cannot use."""
     kind = values.get("check", "load")
     send, expect = values.get("check_send", ""), values.get("check_expect", "")
@@ -481,7 +481,7 @@ class Config:
     """
 
     port: int
-    backends: list
+    backends: list[Address]
     threads: int = 4
     requests: int = 5
     interval: float = 2.0

@@ -37,8 +37,9 @@ from libc_socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdo
 from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
 from libc_unistd cimport close
 from http_status cimport STATUS_PREFIX_LEN, _is_digit, status_code
-from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses, proxy_addresses_from_tuples,
-                           proxy_addresses_tuple, proxy_build, proxy_error_reason, proxy_parse)
+from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
+                           proxy_addresses_from_tuples, proxy_addresses_tuple, proxy_build,
+                           proxy_error_reason, proxy_parse)
 
 __all__ = [
     "IMPLEMENTATION",
@@ -94,7 +95,8 @@ cdef uint64_t MAX_COUNT = (<uint64_t>1 << 63) - 1
 cdef bint IS_TCHAR[256]
 cdef int _c
 for _c in range(256):
-    IS_TCHAR[_c] = _c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    IS_TCHAR[_c] = _c in (b"!#$%&'*+-.^_`|~0123456789"
+                          b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 cdef enum Health:
@@ -262,7 +264,7 @@ def parse_status_line(data):
     cdef int code
     if type(data) is bytes:
         return status_code(<const unsigned char*>PyBytes_AS_STRING(<bytes>data),
-                            PyBytes_GET_SIZE(<bytes>data))
+                           PyBytes_GET_SIZE(<bytes>data))
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     code = status_code(<const unsigned char*>view.buf, view.len)
     PyBuffer_Release(&view)
@@ -302,7 +304,7 @@ def parse_health_answer(data, bint at_eof):
 # -- PROXY protocol -------------------------------------------------------------
 
 def parse_proxy_header(data):
-    """Parse the PROXY protocol header at the start of ``data``: ``(length, source, destination)``, or None.
+    """Parse the PROXY header at the start of ``data``: ``(length, source, destination)``, or None.
 
     None means ``data`` is a valid beginning of a header but not all of it yet.
     ``source`` and ``destination`` are ``(ip, port)``, or both None when the
@@ -451,7 +453,7 @@ cdef int _send_all(int fd, const unsigned char* data, Py_ssize_t n,
 
 
 cdef int _flush_pipe(Direction* d, Py_ssize_t n, double deadline) except -1 nogil:
-    """Move the n bytes sitting in d's pipe to d.dst before deadline (the splice twin of _send_all)."""
+    """Move the n bytes in d's pipe to d.dst before deadline (the splice twin of _send_all)."""
     cdef Py_ssize_t k
     cdef int err
     while n > 0:
@@ -472,7 +474,7 @@ cdef int _flush_pipe(Direction* d, Py_ssize_t n, double deadline) except -1 nogi
 
 
 cdef int _make_nonblocking(int fd) noexcept nogil:
-    """Set O_NONBLOCK on fd; the flags to restore afterwards, -1 if nothing to restore, -2 on failure."""
+    """Set O_NONBLOCK on fd: the flags to restore later, -1 if nothing to restore, -2 on failure."""
     cdef int flags = fcntl(fd, F_GETFL)
     if flags < 0:
         return -2
@@ -544,7 +546,8 @@ cdef int _pump(Relay* r, Direction* d, pollfd* pfd, double* now) except -1 nogil
 
     while True:
         if d.pipe_size:
-            n = splice_fd(d.src, NULL, d.pipe_w, NULL, d.pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice_fd(d.src, NULL, d.pipe_w, NULL, d.pipe_size,
+                          SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         else:
             n = recv(d.src, r.buf, C_BUFFER_SIZE, MSG_DONTWAIT)
         if n >= 0:

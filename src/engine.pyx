@@ -10,15 +10,14 @@ eventfd hand-off guarded by the GIL, one GIL section per loop turn
 C-level PROXY codec of ``src/proxy_header.pxd``.
 """
 
-import errno as _errno
 import socket as _socket
 
 from fastlb._twin_common import connect_reason, splice_mode
 from fastlb.failsafe import INTERNAL_ERRORS
 
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL,
-                         EISCONN, ENOSYS, ETIMEDOUT, errno)
+from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, EINPROGRESS, EINTR, EINVAL, EISCONN,
+                         ENOSYS, errno)
 from libc.math cimport ceil
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -39,10 +38,10 @@ from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
                            proxy_parse)
 from sigpipe cimport block_sigpipe, unblock_sigpipe
 from splice_pipe cimport open_splice_pipe
-from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC,
-                          SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect, getpeername,
-                          getsockname, getsockopt, recv, send, setsockopt, shutdown, sockaddr,
-                          sockaddr_storage, socket, socklen_t)
+from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR,
+                          SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect,
+                          getpeername, getsockname, getsockopt, recv, send, setsockopt, shutdown,
+                          sockaddr, sockaddr_storage, socket, socklen_t)
 from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
 from libc_unistd cimport close
 
@@ -503,7 +502,7 @@ def accept_batch(listener, waker, int limit=C_ACCEPT_BATCH):
 
 
 cdef object _sockaddr_tuple(sockaddr_storage* addr):
-    """The peer address as the socket module gives it: (ip, port) or (ip, port, flowinfo, scope_id)."""
+    """The peer address as Python's socket gives it: (ip, port[, flowinfo, scope_id])."""
     cdef char text[INET6_ADDRSTRLEN]
     cdef sockaddr_in* sin = <sockaddr_in*>addr
     cdef sockaddr_in6* sin6 = <sockaddr_in6*>addr
@@ -551,7 +550,7 @@ cdef object _fill_sockaddr(sockaddr_storage* peer, socklen_t* length, family, ip
 
 
 cdef bint _put_address(sockaddr_storage* peer, int family, bytes host):
-    """Parse the numeric address host of that family into peer (address and family); False if it is not one."""
+    """Parse the numeric address ``host`` of ``family`` into peer; False if it is not one."""
     if family == AF_INET and inet_pton(AF_INET, host, &(<sockaddr_in*>peer).sin_addr) == 1:
         (<sockaddr_in*>peer).sin_family = AF_INET
         return True
@@ -731,7 +730,7 @@ cdef class Engine:
     # -- the loop --------------------------------------------------------------
 
     def run(self):
-        """Relay until ``stop()`` was called and every connection has finished; then close everything."""
+        """Relay until ``stop()`` was called and every connection finished; then close it all."""
         if self.running or self.finished:
             raise RuntimeError("this engine is already running or has run")
         self.running = True
@@ -1042,7 +1041,7 @@ cdef class Engine:
         return 0
 
     cdef int _route_all(self) except -1:
-        """With the GIL: ask the router about every queued connection; move each to the decided list."""
+        """With the GIL: route every queued connection through the router onto the decided list."""
         cdef Conn* c
         while self.routes_head != NULL:
             c = self.routes_head
@@ -1258,7 +1257,7 @@ cdef class Engine:
         return 0
 
     cdef End _send_proxy_header(self, Conn* c) noexcept nogil:
-        """Send the backend its PROXY header: the accepted header's addresses, else the connection's own.
+        """Send the backend its PROXY header: accepted addresses if any, else the connection's own.
 
         Before any client byte; what the socket does not take waits in the
         up direction's buffer, where the client's bytes queue behind it.
@@ -1451,7 +1450,7 @@ cdef class Engine:
         return END_NONE
 
     cdef void _update(self, Conn* c) noexcept nogil:
-        """Pass on finished directions, recompute interests and the deadline; end when both are done."""
+        """Pass on finished directions, recompute interests and deadline; end when both are done."""
         cdef int client_mask, server_mask
         cdef bint up_done, down_done
         if (c.down.eof and c.down.nbytes == 0 and c.failed == END_NONE
@@ -1522,7 +1521,7 @@ cdef class Engine:
     # -- endings ---------------------------------------------------------------
 
     cdef void _finish(self, Conn* c, End end) noexcept nogil:
-        """The relay is over: report it, and answer 500 if the backend failed before its first byte."""
+        """The relay is over: report it; answer 500 if the backend failed before its first byte."""
         if end == END_SERVER_ERROR and self._replay(c, REPLAY_RESET):
             return
         if c.down.nbytes == 0 and (end == END_SERVER_TIMEOUT or end == END_SERVER_ERROR):
@@ -1536,7 +1535,7 @@ cdef class Engine:
         self._close(c, end)
 
     cdef bint _replay(self, Conn* c, int why) noexcept nogil:
-        """The backend ended before its first answer byte: replay the client's bytes on the next one.
+        """The backend ended before its first answer byte: replay the client's bytes on another.
 
         As in the Python twin: only while the copy is whole and, with
         --retry-on-empty idempotent, starts with an idempotent method.  The
@@ -1566,7 +1565,7 @@ cdef class Engine:
         return True
 
     cdef bint _deliver_what_is_owed(self, Conn* c, End end) noexcept nogil:
-        """One side failed (a reset, say): write what was read from it to the other side before closing.
+        """One side failed (a reset, say): write what was read from it to the other, then close.
 
         As in the Python twin: the failed side's direction is dropped and no
         longer read; the surviving one drains, and _update ends the relay with
@@ -1637,7 +1636,8 @@ cdef class Engine:
         c.header_len = 0
         _drop_copy(c)
         if end != END_NONE:
-            self._queue_report(c, end, c.answered if c.answered else (c.status if c.status > 0 else 0))
+            self._queue_report(c, end,
+                               c.answered if c.answered else (c.status if c.status > 0 else 0))
         elif c.answered:
             self._queue_report(c, END_NO_BACKEND, c.answered)
         self._unpark_one(c)
@@ -1654,7 +1654,7 @@ cdef class Engine:
         self.n_closed += 1
 
     cdef int _report_all(self) except -1:
-        """With the GIL: call router.finished for every queued connection, then drop its references."""
+        """With the GIL: router.finished for every queued connection, then drop its references."""
         cdef Conn* c
         error = None
         while self.reports_head != NULL:
@@ -1695,7 +1695,7 @@ cdef class Engine:
             free(c)
 
     cdef void _shutdown(self) except *:
-        """With the GIL, as run() returns: close every connection and descriptor left; report them."""
+        """With the GIL, as run() returns: close every connection and descriptor left, reporting."""
         cdef Conn* c
         self.now = monotonic()
         while self.live != NULL:
@@ -1723,11 +1723,11 @@ cdef class Engine:
             self._report_all()
         finally:
             self._free_dead()
-            for fd, addr, _ in queued:
+            for fd, _, _ in queued:
                 _close_fd(fd)
                 self.n_closed += 1
             try:
-                for fd, addr, _ in queued:
+                for _, addr, _ in queued:
                     self.router.finished(None, addr, 0, 0, 0, "client_error", 0.0)
             finally:
                 _close_fd(self.wakefd)

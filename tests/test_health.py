@@ -182,14 +182,17 @@ def test_a_round_is_not_over_while_a_probe_started_in_it_still_runs(faults):
     pool = BackendPool([Address("127.0.0.1", refused_port(), "127.0.0.1"),
                         Address("127.0.0.1", slow.port, "127.0.0.1")], requests_per_round=1)
     checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
-    trigger, _ = pool.count_accept()
-    assert trigger
-    pool.trigger_closed(1)              # the triggering client has gone: the next one waits
-    checker.start_round(load_only=True)
-    assert not pool.round_applied(1)    # the slow backend's probe is still running
-    deadline = time.monotonic() + 5
-    while not pool.round_applied(1) and time.monotonic() < deadline:
-        checker._step(deadline)
+    try:
+        trigger, _ = pool.count_accept()
+        assert trigger
+        pool.trigger_closed(1)              # the triggering client has gone: the next one waits
+        checker.start_round(load_only=True)
+        assert not pool.round_applied(1)    # the slow backend's probe is still running
+        deadline = time.monotonic() + 5
+        while not pool.round_applied(1) and time.monotonic() < deadline:
+            checker._step(deadline)
+    finally:
+        checker.close()
     assert pool.round_applied(1)
     assert [b.state for b in pool.backends] == ["down", "up"]
 
@@ -205,17 +208,20 @@ def test_a_round_that_finds_a_probe_running_waits_for_one_started_after_it(fault
     slow = faults(probe=DELAY, delay=0.3)
     pool = BackendPool([Address("127.0.0.1", slow.port, "127.0.0.1")], requests_per_round=1)
     checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
-    for ticket in (1, 2):
-        assert pool.count_accept()[0]
-        pool.trigger_closed(ticket)
-        checker.start_round(load_only=True)
-    deadline = time.monotonic() + 5
-    while not pool.round_applied(1) and time.monotonic() < deadline:
-        checker._step(deadline)
-    # The first answer ends round 1 only; the follow-up probe (it may already
-    # have reached the backend) is what round 2 waits for.
-    assert pool.round_applied(1) and not pool.round_applied(2)
-    while not pool.round_applied(2) and time.monotonic() < deadline:
-        checker._step(deadline)
+    try:
+        for ticket in (1, 2):
+            assert pool.count_accept()[0]
+            pool.trigger_closed(ticket)
+            checker.start_round(load_only=True)
+        deadline = time.monotonic() + 5
+        while not pool.round_applied(1) and time.monotonic() < deadline:
+            checker._step(deadline)
+        # The first answer ends round 1 only; the follow-up probe (it may already
+        # have reached the backend) is what round 2 waits for.
+        assert pool.round_applied(1) and not pool.round_applied(2)
+        while not pool.round_applied(2) and time.monotonic() < deadline:
+            checker._step(deadline)
+    finally:
+        checker.close()
     assert pool.round_applied(2)
     assert len(slow.probe_times()) == 2

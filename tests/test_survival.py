@@ -91,5 +91,6 @@ def test_an_engine_whose_loop_dies_is_replaced_and_clients_are_still_served(engi
     finally:
         lb.stop()
         runner.join(15)
+        lb.close()
         backend.stop()
     assert not runner.is_alive()
