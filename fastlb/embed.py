@@ -61,7 +61,11 @@ class Served:
     def __init__(self, balancer: Balancer):
         self.balancer = balancer
         self.api: Runtime = balancer.runtime
-        balancer.bind()
+        try:
+            balancer.bind()
+        except BaseException:
+            balancer.close()
+            raise
         self.port: int = balancer.port
         self._thread = threading.Thread(target=balancer.run, name="fastlb-serve", daemon=True)
         self._thread.start()
@@ -105,6 +109,8 @@ class Served:
         """Stop accepting, let the connections in flight finish, join the threads."""
         self.balancer.stop()
         self._thread.join(self.balancer.config.drain_timeout + JOIN_MARGIN)
+        if not self._thread.is_alive():  # else run still uses them; the daemon thread dies with us
+            self.balancer.close()
 
     def __enter__(self) -> "Served":
         return self
