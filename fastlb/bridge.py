@@ -29,9 +29,11 @@ def _load_twins():
 
 _relay_twin, _engine_twin = _load_twins()
 IMPLEMENTATION = _relay_twin.IMPLEMENTATION
-__all__ = list(_relay_twin.__all__) + ["Engine", "accept_batch", "set_pipe_budget", "pipes_in_use"]
+__all__ = list(_relay_twin.__all__) + ["Engine", "accept_batch", "set_pipe_budget", "pipes_in_use",
+                                       "ROUTE_WAIT"]
 globals().update({name: getattr(_relay_twin, name) for name in _relay_twin.__all__})
 Engine = _engine_twin.Engine
 accept_batch = _engine_twin.accept_batch
 set_pipe_budget = _engine_twin.set_pipe_budget
 pipes_in_use = _engine_twin.pipes_in_use
+ROUTE_WAIT = _engine_twin.ROUTE_WAIT
