@@ -1,8 +1,11 @@
-"""Builds the one compiled extension, fastlb._bridge, from src/bridge.pyx.
+"""Builds the compiled twins: fastlb._bridge from src/bridge.pyx and fastlb._engine from src/engine.pyx.
 
 Without a working compiler the build falls back to the pure-Python relay with a
 loud warning, unless FASTLB_REQUIRE_EXTENSIONS=1 (set in CI and wheel builds),
 which makes the failure fatal.  FASTLB_NO_EXTENSIONS=1 skips the extension.
+FASTLB_CYTHON_TRACING=1 builds the twins with line tracing, so coverage.py's
+Cython.Coverage plugin can measure the .pyx files (docs/development.md); such a
+build takes the GIL for every traced line of the relay loops: never ship one.
 """
 
 import os
@@ -61,10 +64,25 @@ def extensions():
             raise
         sys.stderr.write("*** WARNING fastlb: Cython missing (%s); pure-Python bridge only\n" % exc)
         return []
+    directives = {"language_level": "3", "embedsignature": True}
+    macros = []
+    tracing = flag("FASTLB_CYTHON_TRACING")
+    if tracing:
+        sys.stderr.write("*** fastlb: FASTLB_CYTHON_TRACING set, compiling with line tracing\n")
+        # CYTHON_TRACE_NOGIL (which implies CYTHON_TRACE) traces the nogil
+        # relay loops too, taking the GIL for every traced line.
+        directives["linetrace"] = True
+        macros.append(("CYTHON_TRACE_NOGIL", "1"))
     return cythonize(
-        [Extension("fastlb._bridge", ["src/bridge.pyx"], extra_compile_args=["-O2"]),
-         Extension("fastlb._engine", ["src/engine.pyx"], extra_compile_args=["-O2"])],
-        compiler_directives={"language_level": "3", "embedsignature": True},
+        [Extension("fastlb._bridge", ["src/bridge.pyx"], extra_compile_args=["-O2"],
+                   define_macros=macros),
+         Extension("fastlb._engine", ["src/engine.pyx"], extra_compile_args=["-O2"],
+                   define_macros=macros)],
+        compiler_directives=directives,
+        # cythonize regenerates a .c file only when its .pyx is newer, and a
+        # .c file from an earlier build has no tracing code.  (Without the
+        # macro, a traced .c file compiles to the same code as any other.)
+        force=tracing,
     )
 
 

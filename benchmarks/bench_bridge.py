@@ -23,7 +23,6 @@ interleaves the variants round by round instead::
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing
 import os
 import socket
@@ -31,6 +30,8 @@ import threading
 import time
 
 import pytest
+
+from fastlb.bridge import NO_EXTENSIONS, Twin
 
 SMALL_MESSAGE = 100            # bytes per request and per response
 ROUND_TRIPS = 2000             # request/response pairs per connection per round
@@ -44,9 +45,9 @@ HEALTH_ANSWER = (b"HTTP/1.1 200 OK\r\nServer: fastlb-backend\r\nContent-Type: te
 
 
 def twin(name):
-    if name == "cython" and os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
+    if name == "cython" and NO_EXTENSIONS:
         pytest.skip("FASTLB_NO_EXTENSIONS is set")
-    return importlib.import_module("fastlb._bridge" if name == "cython" else "fastlb._bridge_py")
+    return Twin(name).bridge
 
 
 TWINS = ["python", "cython"]
@@ -262,8 +263,7 @@ def interleaved(case, rounds):
 
     count = 4 if case == "ping-pong-4" else 1
     command, amount = ("bulk", BULK_BYTES) if case == "bulk" else ("ping-pong", ROUND_TRIPS)
-    modules = {"python": importlib.import_module("fastlb._bridge_py"),
-               "cython": importlib.import_module("fastlb._bridge")}
+    modules = {name: Twin(name).bridge for name in ("python", "cython")}
     modes = [p.values for p in RELAY_MODES]
     if count > 1:
         modes = [("python", None), ("cython", None)]

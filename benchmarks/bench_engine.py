@@ -34,7 +34,6 @@ interleaves the variants round by round instead::
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing
 import os
 import selectors
@@ -45,6 +44,7 @@ import time
 
 import pytest
 
+from fastlb.bridge import NO_EXTENSIONS, Twin
 from fastlb.waker import Waker
 
 MESSAGE = 100                  # bytes per request and per response
@@ -67,9 +67,9 @@ BULK_MODES = [
 
 
 def twin(name):
-    if name == "cython" and os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
+    if name == "cython" and NO_EXTENSIONS:
         pytest.skip("FASTLB_NO_EXTENSIONS is set")
-    return importlib.import_module("fastlb._engine" if name == "cython" else "fastlb._engine_py")
+    return Twin(name).engine
 
 
 # -- load generators (separate processes) ------------------------------------------
@@ -417,8 +417,7 @@ def _label(name, splice):
 def interleaved(case, rounds):
     """Run every twin (and, for bulk, splice mode) of one case round-robin; print medians and ratios."""
     command, amount, units, engines = CASES[case]
-    modules = {"python": importlib.import_module("fastlb._engine_py"),
-               "cython": importlib.import_module("fastlb._engine")}
+    modules = {name: Twin(name).engine for name in ("python", "cython")}
     modes = [p.values for p in BULK_MODES] if case == "bulk" else [("python", None), ("cython", None)]
     variants = {_label(name, splice): Setup(modules[name], engines, splice, bulk=case == "bulk")
                 for name, splice in modes}

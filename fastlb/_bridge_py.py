@@ -8,11 +8,13 @@ the test suite runs every relay and parser test on both.  Nothing but
 
 from __future__ import annotations
 
-import collections
 import math
 import select
 import socket
 import time
+from typing import Optional, Union
+
+from fastlb._twin_common import RelayResult
 
 __all__ = [
     "IMPLEMENTATION",
@@ -46,27 +48,16 @@ STATUS_PREFIX_LEN = 13
 # Largest value the health answer may carry (63 bits, a signed 64-bit int).
 MAX_COUNT = (1 << 63) - 1
 
-RelayResult = collections.namedtuple(
-    "RelayResult", "bytes_up bytes_down up_end down_end end status"
-)
-RelayResult.__doc__ = """How one relay ended.
-
-bytes_up     bytes passed client -> backend
-bytes_down   bytes passed backend -> client
-up_end       how client -> backend ended: "eof", "error" or "open"
-down_end     how backend -> client ended: "eof", "error" or "open"
-end          why the relay returned: "done" (both directions reached EOF),
-             "server_timeout" (no byte from the backend within server_timeout
-             of the last byte sent to it, before any byte reached the client),
-             "idle_timeout", "client_error" or "server_error"
-status       status code of the first response passed to the client, 0 when
-             the backend's first bytes were not an HTTP/1.x status line
-"""
-
 _TCHAR = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 _DIGITS = frozenset(b"0123456789")
+
+# An (ip, port) endpoint, and a parsed PROXY header: (length, source, destination).
+Endpoint = tuple[str, int]
+ProxyHeader = tuple[int, Optional[Endpoint], Optional[Endpoint]]
+# A builder endpoint checked and packed: (family, packed address, port).
+_Packed = tuple[int, bytes, int]
 
 
 def parse_status_line(data: bytes) -> int:
@@ -115,7 +106,7 @@ def _parse_count(field: bytes) -> int:
     return int(field)
 
 
-def parse_health_answer(data: bytes, at_eof: bool):
+def parse_health_answer(data: bytes, at_eof: bool) -> Optional[tuple[int, int]]:
     """Parse a complete health answer: ``(errors, entries)``, or None if more bytes are needed.
 
     ``at_eof`` says the backend closed the connection, so ``data`` is all there
@@ -238,8 +229,8 @@ _V1_FAMILIES = {b"TCP4": socket.AF_INET, b"TCP6": socket.AF_INET6}
 _DECISIVE_BYTES = PROXY_V1_MAX_LINE
 
 
-def parse_proxy_header(data):
-    """Parse the PROXY protocol header at the start of ``data``: ``(length, source, destination)``, or None.
+def parse_proxy_header(data: Union[bytes, bytearray, memoryview]) -> Optional[ProxyHeader]:
+    """Parse the PROXY header at the start of ``data``: ``(length, source, destination)``, or None.
 
     None means ``data`` is a valid beginning of a header but not all of it yet.
     ``length`` is the header's size: whatever follows is the client's own
@@ -283,7 +274,7 @@ def parse_proxy_header(data):
     return _parse_proxy_v2(head, n)
 
 
-def _parse_proxy_v1(head: bytes, n: int):
+def _parse_proxy_v1(head: bytes, n: int) -> Optional[ProxyHeader]:
     # The line ends at its first CR, which must be followed by LF and leave
     # the line within 107 bytes: the CR is at index 105 at the latest.
     cr = head.find(b"\r", len(PROXY_V1_PREFIX), PROXY_V1_MAX_LINE - 1)
@@ -308,7 +299,7 @@ def _parse_proxy_v1(head: bytes, n: int):
     return length, _v1_endpoint(family, src, sport), _v1_endpoint(family, dst, dport)
 
 
-def _v1_endpoint(family: int, address: bytes, port: bytes):
+def _v1_endpoint(family: int, address: bytes, port: bytes) -> Endpoint:
     """``(canonical ip, port)`` from a v1 line's text fields."""
     try:
         # inet_pton of the line's family, as the compiled twin calls it: an
@@ -322,7 +313,7 @@ def _v1_endpoint(family: int, address: bytes, port: bytes):
     return socket.inet_ntop(family, packed), int(port)
 
 
-def _parse_proxy_v2(head: bytes, n: int):
+def _parse_proxy_v2(head: bytes, n: int) -> Optional[ProxyHeader]:
     if n < 13:
         return None
     version, command = head[12] >> 4, head[12] & 0x0F
@@ -359,7 +350,7 @@ def _parse_proxy_v2(head: bytes, n: int):
     return length, source, destination
 
 
-def _packed_endpoint(address):
+def _packed_endpoint(address: object) -> _Packed:
     """``(family, packed address, port)`` of a builder argument, or the ValueError/TypeError it deserves."""
     if not isinstance(address, tuple) or len(address) != 2:
         raise TypeError("an endpoint is an (ip, port) tuple")
@@ -376,7 +367,8 @@ def _packed_endpoint(address):
     raise ValueError("invalid IP address %r" % ip)
 
 
-def build_proxy_header(version: int, source, destination) -> bytes:
+def build_proxy_header(version: int, source: Optional[Endpoint],
+                       destination: Optional[Endpoint]) -> bytes:
     """The PROXY protocol header (``version`` 1 or 2) that announces ``source`` -> ``destination``.
 
     Each endpoint is ``(ip, port)``.  When either is None the header says to
@@ -407,7 +399,7 @@ def build_proxy_header(version: int, source, destination) -> bytes:
     return PROXY_V2_SIGNATURE + bytes([0x21, family_byte]) + len(block).to_bytes(2, "big") + block
 
 
-def _ipv4_mapped(endpoint):
+def _ipv4_mapped(endpoint: _Packed) -> _Packed:
     """The endpoint as IPv6: an IPv4 address becomes ::ffff:a.b.c.d."""
     family, packed, port = endpoint
     if family == socket.AF_INET6:
@@ -436,7 +428,7 @@ def _send_all(sock: socket.socket, data: memoryview, deadline: float) -> bool:
 
 
 def relay(client: socket.socket, server: socket.socket, server_timeout: float,
-          idle_timeout: float, splice=None) -> RelayResult:
+          idle_timeout: float, splice: Optional[bool] = None) -> RelayResult:
     """Relay bytes both ways between two connected sockets until both directions end.
 
     When one side reaches EOF, writing toward the other side is shut down and the

@@ -1,62 +1,42 @@
-"""Pure-Python twin of the relay engine: one event loop relaying many connections.
+"""Pure-Python twin of the relay engine, and its readable specification.
 
-Design (the compiled twin in ``src/engine.pyx`` follows it line for line):
-
-- Who runs where.  ``Engine.run`` runs in one worker thread and owns an epoll
-  selector.  Any thread may call ``add`` (the accept loop does) and ``stop``;
-  both only append to a deque and wake the loop through a socketpair.
-- Who owns which descriptor.  A client socket belongs to the engine from the
-  moment ``add`` is called; the backend socket is created by the engine.  Both
-  are closed by the engine, exactly once, in ``_close`` — when the relay is
-  over, when fastlb's own answer has been lingered out, or when a timeout hits.
-- Per connection: WAIT (until the client's first byte; a client that closes or
-  stays silent for ``client_timeout`` never costs a backend; with
-  ``accept_proxy`` its PROXY header is taken first, exactly, and a client
-  whose first bytes are not one is closed as ``bad_proxy_header``), PARKED (the
-  router asked to wait for fresher health figures: the probe round triggered
-  before this connection was accepted is still running; retried when the
-  router calls ``wake`` and at most ``ROUTE_WAIT`` later), CONNECTING (non-
-  blocking connect to the backend the router chose; a failure marks it down
-  and the next one is tried, each at most once), RELAYING (two buffered
-  directions), LINGER (after fastlb's own 500: half-close, read and discard
-  what the client still sends for a moment, then close).
-- Relaying.  Each direction reads into a buffer bounded by ``BUFFER_LIMIT`` and
-  writes straight through when the peer accepts; a side whose peer is not
-  draining is not read (back-pressure).  EOF on one side is passed on as a
-  shutdown(SHUT_WR) once its buffer is flushed (half-close); the relay ends
-  when both directions have, or on an error.
-- Timeouts are checked every ``TICK`` seconds against one deadline per
-  connection (cheap: a float per event, one pass over the connections per tick).
-- The router (``fastlb.balancer.Router``) is the only way back into fastlb:
-  ``choose(tried, ticket, addr, source)`` (``source``: the client's ``(ip,
-  port)`` from an accepted PROXY header, else None) returns a route ``(token,
-  family, ip, port, send_proxy)``, None (nothing usable: the client gets the
-  500) or False (park and ask again); with ``send_proxy`` 1 or 2 a PROXY
-  header of that version goes to the backend before any client byte;
-  ``connect_failed(token, reason)``; ``finished(token, addr, bytes_up,
-  bytes_down, status, end, duration)``, once per connection.  These are the
-  only moments the compiled twin takes the GIL, and it gathers them: it makes
-  the same calls in the same order per connection, but at the end of the loop
-  turn, all of a turn's calls in one GIL section (reports first).
-- ``accept_batch`` is the accept loop's half: wait for clients and take up to
-  a batch of them per call (the compiled twin does it without the GIL, so the
-  accept loop takes the GIL once per batch).
+One event loop relaying many connections, with the same public API and the
+same decisions in the same states as the compiled twin (``src/engine.pyx``).
+The design both follow -- who runs where, who owns which descriptor, the
+states of a connection, relaying, the router protocol -- is in
+``docs/design.md`` ("The relay engine").  Local to this twin: a ``selectors``
+loop with a socket-pair waker, ``bytearray`` buffers, deadlines as floats on
+``_Conn`` objects, and router calls made at once rather than gathered per
+loop turn.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import os
 import select
 import selectors
 import socket
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
-from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, build_proxy_header,
+from fastlb._bridge_py import (MAX_PROXY_HEADER, STATUS_PREFIX_LEN, Endpoint, build_proxy_header,
                                parse_proxy_header, parse_status_line)
+from fastlb._twin_common import connect_reason
 from fastlb.failsafe import INTERNAL_ERRORS
 from fastlb.waker import Waker
+
+if TYPE_CHECKING:
+    from _typeshed import HasFileno
+
+    from fastlb.router import Route, Router
+
+__all__ = [
+    "ACCEPT_BATCH", "BUFFER_LIMIT", "LINGER_BYTES", "LINGER_SECONDS", "READ_SIZE", "REPLAY_LIMIT",
+    "RESPONSE_500", "ROUTE_WAIT", "TICK", "Engine", "accept_batch", "pipes_in_use",
+    "set_pipe_budget",
+]
 
 # One recv per readable event.  64 KiB matches the loopback socket buffer
 # granularity; the Python twin pays per call, so fewer, larger reads win.
@@ -109,11 +89,14 @@ def pipes_in_use() -> int:
     return 0
 
 
-def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACCEPT_BATCH) -> list:
+def accept_batch(listener: socket.socket, waker: HasFileno,
+                 limit: int = ACCEPT_BATCH) -> list[tuple[int, Any]]:
     """Wait for clients on the non-blocking ``listener`` and accept up to ``limit`` of them.
 
-    Returns ``[(client, addr), ...]`` (``client`` a socket for ``Engine.add``;
-    the caller owns it until then).  Returns an empty list as soon as
+    Returns ``[(client, addr), ...]``: ``client`` is a non-blocking,
+    close-on-exec descriptor for ``Engine.add`` (the caller owns it until
+    then), ``addr`` the peer as ``socket.accept`` gives it, exactly as the
+    compiled twin returns them.  Returns an empty list as soon as
     ``waker`` is readable (it is not read) or a signal interrupted the wait.
     An accept error other than "try again" is raised as OSError, unless
     clients were accepted before it: those are returned, and the error comes
@@ -128,10 +111,11 @@ def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACC
         return []
     if any(fd == waker.fileno() for fd, _ in ready):
         return []
-    batch: list = []
+    batch: list[tuple[int, Any]] = []
     while len(batch) < min(limit, ACCEPT_BATCH):
         try:
-            batch.append(listener.accept())
+            # The descriptor itself, as accept4 gives it (close-on-exec), not a socket object.
+            fd, addr = listener._accept()  # type: ignore[attr-defined]  # socket's own private call
         except (BlockingIOError, InterruptedError):
             break
         except ConnectionAbortedError:
@@ -140,6 +124,8 @@ def accept_batch(listener: socket.socket, waker: socket.socket, limit: int = ACC
             if batch:
                 break
             raise
+        os.set_blocking(fd, False)
+        batch.append((fd, addr))
     return batch
 
 
@@ -151,11 +137,13 @@ class _Conn:
         "reported", "header", "proxied", "preamble", "failed", "copy",
     )
 
-    def __init__(self, client: socket.socket, addr, ticket, now: float, client_timeout: float):
-        self.client, self.server, self.addr, self.ticket = client, None, addr, ticket
-        self.state = WAIT
-        self.token = None
-        self.tried: list = []
+    def __init__(self, client: socket.socket, addr: Any, ticket: Any, now: float,
+                 client_timeout: float):
+        self.client, self.addr, self.ticket = client, addr, ticket
+        self.server: Optional[socket.socket] = None
+        self.state: Optional[str] = WAIT   # None once closed
+        self.token: Any = None            # the router's handle for the backend being tried
+        self.tried: list[Any] = []
         self.accepted = now
         self.deadline = now + client_timeout
         self.up = bytearray()             # client -> backend, not yet written
@@ -173,18 +161,19 @@ class _Conn:
         # --accept-proxy: the PROXY header's bytes taken so far (None once it
         # is complete), and the (source, destination) it carried, if any.
         self.header: Optional[bytearray] = None
-        self.proxied: Optional[tuple] = None
+        self.proxied: Optional[tuple[Optional[Endpoint], Optional[Endpoint]]] = None
         self.preamble = b""               # a PROXY header for the backend, sent before all else
-        self.failed = None                # the end of a side that failed while the other was owed bytes
+        # The end of a side that failed while the other was owed bytes.
+        self.failed: Optional[str] = None
         self.copy: Optional[bytearray] = None   # the client's bytes so far, for a replay
 
 
 class Engine:
     """An event loop relaying many client/backend pairs (see the module comment)."""
 
-    def __init__(self, router, server_timeout: float, idle_timeout: float, client_timeout: float,
-                 connect_timeout: float, splice=None, accept_proxy: bool = False,
-                 retry_on_empty: str = RETRY_IDEMPOTENT):
+    def __init__(self, router: Router, server_timeout: float, idle_timeout: float,
+                 client_timeout: float, connect_timeout: float, splice: Optional[bool] = None,
+                 accept_proxy: bool = False, retry_on_empty: str = RETRY_IDEMPOTENT):
         if retry_on_empty not in (RETRY_NEVER, RETRY_IDEMPOTENT, RETRY_ALWAYS):
             raise ValueError("retry_on_empty must be never, idempotent or always")
         self.router = router
@@ -195,7 +184,7 @@ class Engine:
         self._selector = selectors.DefaultSelector()
         self._waker = Waker()
         self._selector.register(self._waker, READ, None)
-        self._incoming: collections.deque = collections.deque()
+        self._incoming: collections.deque[tuple[socket.socket, Any, Any]] = collections.deque()
         self._conns: set[_Conn] = set()
         self._parked: list[_Conn] = []
         self._unpark = False
@@ -208,11 +197,14 @@ class Engine:
 
     # -- any thread ------------------------------------------------------------------
 
-    def add(self, client: socket.socket, addr=None, ticket=None) -> None:
-        """Hand a freshly accepted client socket to this engine, which now owns it.
+    def add(self, client: Union[int, socket.socket], addr: Any = None, ticket: Any = None) -> None:
+        """Hand a freshly accepted client to this engine, which now owns it.
 
+        ``client`` is a descriptor from ``accept_batch`` or a socket object.
         ``ticket`` is passed to ``router.choose`` as is (None: route at once).
         """
+        if not isinstance(client, socket.socket):
+            client = socket.socket(fileno=client)
         self.added += 1
         if self._finished:
             client.close()
@@ -285,7 +277,7 @@ class Engine:
             self._selector.close()
             self._waker.close()
 
-    def _accept(self, client: socket.socket, addr, ticket) -> None:
+    def _accept(self, client: socket.socket, addr: Any, ticket: Any) -> None:
         conn = _Conn(client, addr, ticket, time.monotonic(), self.client_timeout)
         if self.accept_proxy:
             conn.header = bytearray()
@@ -355,6 +347,7 @@ class Engine:
         client that sends something else is closed as ``bad_proxy_header``.
         """
         taken = conn.header
+        assert taken is not None  # the header is still being read
         try:
             data = conn.client.recv(MAX_PROXY_HEADER - len(taken), socket.MSG_PEEK)
         except BlockingIOError:
@@ -432,17 +425,17 @@ class Engine:
                         self._watch(conn, 0, WRITE)
                         return
                     if code not in (0, errno.EISCONN):
-                        self._connect_failed(conn, _connect_reason(code))
+                        self._connect_failed(conn, connect_reason(code))
                         return
                 self._on_connected(conn, checked=True)
                 return
             server.close()
-            self._tell_connect_failed(token, _connect_reason(code))
+            self._tell_connect_failed(token, connect_reason(code))
             conn.token = None
 
     # -- the router: its exceptions cost one connection, never the loop ----------------
 
-    def _choose(self, conn: _Conn):
+    def _choose(self, conn: _Conn) -> Union[Route, None, Literal[False]]:
         """``router.choose`` for conn: a route, None (answer 500) or False (park)."""
         try:
             choice = self.router.choose(conn.tried, conn.ticket, conn.addr,
@@ -455,19 +448,21 @@ class Engine:
             INTERNAL_ERRORS.record("the router's choose", exc)
             return None
 
-    def _tell_connect_failed(self, token, reason: str) -> None:
+    def _tell_connect_failed(self, token: Any, reason: str) -> None:
         try:
             self.router.connect_failed(token, reason)
         except Exception as exc:
             INTERNAL_ERRORS.record("the router's connect_failed", exc)
 
     def _on_connected(self, conn: _Conn, checked: bool = False) -> None:
+        server = conn.server
+        assert server is not None  # CONNECTING
         if not checked:
-            code = conn.server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            code = server.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code:
-                self._connect_failed(conn, _connect_reason(code))
+                self._connect_failed(conn, connect_reason(code))
                 return
-        conn.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.state = RELAYING
         conn.last_up = time.monotonic()
         conn.deadline = conn.last_up + self.server_timeout
@@ -475,7 +470,7 @@ class Engine:
             # Before any client byte; what the socket does not take waits in
             # the buffer, where the client's bytes queue behind it.
             try:
-                sent = conn.server.send(conn.preamble)
+                sent = server.send(conn.preamble)
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -505,6 +500,7 @@ class Engine:
             return build_proxy_header(version, None, None)
 
     def _connect_failed(self, conn: _Conn, reason: str) -> None:
+        assert conn.server is not None  # CONNECTING
         self._watch(conn, conn.client_mask, 0)
         conn.server.close()
         conn.server = None
@@ -524,8 +520,9 @@ class Engine:
         else:
             self._update(conn)
 
-    def _pump(self, conn: _Conn, from_client: bool):
+    def _pump(self, conn: _Conn, from_client: bool) -> Optional[str]:
         """Read once from one side and pass it on; return an end reason or None."""
+        assert conn.server is not None  # RELAYING
         src, dst = (conn.client, conn.server) if from_client else (conn.server, conn.client)
         try:
             data = src.recv(READ_SIZE)
@@ -572,8 +569,9 @@ class Engine:
             pending += data
         return None
 
-    def _flush(self, conn: _Conn, to_server: bool):
+    def _flush(self, conn: _Conn, to_server: bool) -> Optional[str]:
         """Write what one direction holds; return an end reason or None."""
+        assert conn.server is not None  # RELAYING
         pending, dst = (conn.up, conn.server) if to_server else (conn.down, conn.client)
         if not pending:
             return None
@@ -603,6 +601,7 @@ class Engine:
             self._finish(conn, conn.failed or "done")
             return
         if up_done and not conn.up_shut:
+            assert conn.server is not None  # RELAYING
             conn.up_shut = True
             _shutdown_write(conn.server)
         if down_done and not conn.down_shut:
@@ -759,9 +758,3 @@ def _shutdown_write(sock: socket.socket) -> None:
         pass
 
 
-def _connect_reason(code: int) -> str:
-    if code == errno.ECONNREFUSED:
-        return "connection refused"
-    if code == errno.ETIMEDOUT:
-        return "connect timeout"
-    return "connect failed: %s" % errno.errorcode.get(code, str(code))

@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import time
+from typing import Any, Callable, Optional, TextIO
 
 log = logging.getLogger("fastlb")
 
@@ -27,7 +28,12 @@ ERROR_LOG_EVERY = 10.0
 CLOSE_WAIT = 1.0
 
 
-def format_record(record: tuple) -> str:
+# What a worker hands the writer: (start time, client, backend, bytes up,
+# bytes down, duration, status, end).
+Record = tuple[float, str, str, int, int, float, int, str]
+
+
+def format_record(record: Record) -> str:
     when, client, backend, bytes_up, bytes_down, duration, status, end = record
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(when))
     return "%s.%03d client=%s backend=%s up=%d down=%d duration=%.4f status=%s end=%s\n" % (
@@ -41,7 +47,7 @@ class AccessLog:
 
     def __init__(self, target: str):
         self.target = target
-        self._queue: queue.Queue = queue.Queue(QUEUE_LIMIT)
+        self._queue: queue.Queue[Optional[Record]] = queue.Queue(QUEUE_LIMIT)
         self.dropped = 0              # records dropped because the writer fell behind
         self.errors = 0               # failed writes and reopens
         self._file = self._open()     # raises OSError at start-up: that is the user's to fix
@@ -51,7 +57,7 @@ class AccessLog:
         self._thread = threading.Thread(target=self._write, name="fastlb-access-log", daemon=True)
         self._thread.start()
 
-    def _open(self):
+    def _open(self) -> TextIO:
         if self.target == "-":
             return sys.stderr
         return open(self.target, "a", encoding="utf-8", buffering=1 << 16)
@@ -114,7 +120,7 @@ class AccessLog:
         old, self._file = self._file, fresh
         self._guarded(old.close)
 
-    def _guarded(self, action, *args) -> None:
+    def _guarded(self, action: Callable[..., Any], *args: Any) -> None:
         try:
             action(*args)
         except Exception as exc:   # a full disk, a vanished directory: count, tell, go on

@@ -11,6 +11,7 @@ pays nothing, and fastlb keeps no runtime dependency.
 from __future__ import annotations
 
 import errno
+import hmac
 import html
 import json
 import logging
@@ -19,10 +20,15 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from urllib.parse import unquote
 
 from fastlb.failsafe import INTERNAL_ERRORS, InternalErrors
+from fastlb.api import ApiError
 from fastlb.pool import DURATION_BUCKETS
+
+if TYPE_CHECKING:
+    from fastlb.api import Runtime
 
 log = logging.getLogger("fastlb")
 
@@ -38,9 +44,11 @@ ADMIN_MAX_CONNECTIONS = 32
 # the listener stays readable: pause this long (the accept loop's pause) rather
 # than trying again at once.
 ACCEPT_PAUSE = 0.1
+# The largest API request body: a backend's settings are a few hundred bytes.
+API_MAX_BODY = 65536
 
 
-def human_bytes(count: int) -> str:
+def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return ("%d %s" % (count, unit)) if unit == "B" else ("%.1f %s" % (count, unit))
@@ -48,7 +56,7 @@ def human_bytes(count: int) -> str:
     return str(count)
 
 
-def render_page(stats: dict) -> str:
+def render_page(stats: dict[str, Any]) -> str:
     """The HTML stats page: one row per backend and a totals row; it refreshes itself."""
     esc = html.escape
     rows = []
@@ -56,6 +64,8 @@ def render_page(stats: dict) -> str:
         latency = "-" if b["probe_latency"] is None else "%.1f ms" % (b["probe_latency"] * 1000)
         since = time.strftime("%H:%M:%S", time.localtime(b["last_change"]))
         state = b["state"] + (" (removed)" if b["removed"] else "") + (" (backup)" if b["backup"] else "")
+        if b["admin_state"] != "ready":
+            state += " (%s)" % b["admin_state"]
         rows.append(
             "<tr class='%s'><td class='name'>%s</td><td class='state'>%s</td><td>%s</td>"
             "<td class='reason'>%s</td><td class='check'>%s</td><td>%s</td><td>%d</td><td>%d</td>"
@@ -131,11 +141,12 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_metrics(stats: dict) -> str:
+def render_metrics(stats: dict[str, Any]) -> str:
     """The Prometheus text exposition format (version 0.0.4)."""
     out: list[str] = []
 
-    def family(name: str, kind: str, help_text: str, samples) -> None:
+    def family(name: str, kind: str, help_text: str,
+               samples: Iterable[tuple[tuple[tuple[str, Any], ...], Any]]) -> None:
         out.append("# HELP %s %s" % (name, help_text))
         out.append("# TYPE %s %s" % (name, kind))
         for labels, value in samples:
@@ -179,12 +190,16 @@ def render_metrics(stats: dict) -> str:
     family("fastlb_queued_connections", "gauge", "Connections waiting for a worker.",
            [((), stats["queue_length"])])
 
-    def per_backend(name, kind, help_text, key):
+    def per_backend(name: str, kind: str, help_text: str,
+                    key: Callable[[dict[str, Any]], Any]) -> None:
         family(name, kind, help_text, [((("backend", b["backend"]),), key(b)) for b in backends])
 
     per_backend("fastlb_backend_up", "gauge", "1 when the backend is up, else 0.",
                 lambda b: 1 if b["state"] == "up" else 0)
     per_backend("fastlb_backend_weight", "gauge", "Configured weight.", lambda b: b["weight"])
+    family("fastlb_backend_admin_state", "gauge",
+           "1 for the backend's administrative state (ready, drain or maint; set at run time).",
+           [((("backend", b["backend"]), ("state", b["admin_state"])), 1) for b in backends])
     family("fastlb_backend_check_info", "gauge",
            "Always 1; how the backend is probed (check) and whether it is a backup.",
            [((("backend", b["backend"]), ("check", b["check"]),
@@ -226,7 +241,7 @@ def render_metrics(stats: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _number(value) -> str:
+def _number(value: Any) -> str:
     if isinstance(value, float):
         if value != value:
             return "NaN"
@@ -237,12 +252,17 @@ def _number(value) -> str:
 class AdminServer:
     """Serves the admin endpoint from ``stats()`` in background threads."""
 
-    def __init__(self, address: str, stats: Callable[[], dict], timeout: float = ADMIN_TIMEOUT,
-                 max_connections: int = ADMIN_MAX_CONNECTIONS, errors: Optional[InternalErrors] = None):
+    def __init__(self, address: str, stats: Callable[[], dict[str, Any]],
+                 timeout: float = ADMIN_TIMEOUT,
+                 max_connections: int = ADMIN_MAX_CONNECTIONS, errors: Optional[InternalErrors] = None,
+                 api: Optional["Runtime"] = None, token: bytes = b""):
         host, _, port = address.rpartition(":")
         self.stats = stats
         self.refused = 0              # connections closed at once: max_connections were open
         self.errors = errors or INTERNAL_ERRORS
+        # The run-time API (fastlb.api), served under /api/ only with a token.
+        self.api = api if token else None
+        self.token = token
         slots = threading.BoundedSemaphore(max_connections)
         admin = self
 
@@ -250,14 +270,36 @@ class AdminServer:
             server_version = "fastlb-admin"
             protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args):  # per-request logs stay off, as for the relay
+            # Per-request logs stay off, as for the relay.
+            def log_message(self, *args: Any) -> None:
                 pass
 
-            def do_HEAD(self):
+            def do_HEAD(self) -> None:
                 self.do_GET(head=True)
 
-            def do_GET(self, head=False):
+            def do_POST(self) -> None:
+                self._api("POST")
+
+            def do_DELETE(self) -> None:
+                self._api("DELETE")
+
+            def _api(self, method: str) -> None:
+                status, body = admin.handle_api(method, self.path, self.headers, self.rfile)
+                data = (json.dumps(body, indent=1) + "\n").encode()
+                self.send_response(status)
+                if status == 401:
+                    self.send_header("WWW-Authenticate", 'Bearer realm="fastlb"')
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self, head: bool = False) -> None:
                 path = self.path.split("?", 1)[0]
+                if path.startswith("/api/"):
+                    self._api("GET")
+                    return
                 stats = admin.stats()
                 status = 200
                 if path in ("/", "/index.html"):
@@ -288,7 +330,7 @@ class AdminServer:
             allow_reuse_address = True
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
-            def get_request(self):
+            def get_request(self) -> Any:
                 try:
                     return super().get_request()
                 except OSError as exc:
@@ -298,7 +340,7 @@ class AdminServer:
                         time.sleep(ACCEPT_PAUSE)
                     raise
 
-            def process_request(self, request, client_address):
+            def process_request(self, request: Any, client_address: Any) -> None:
                 if not slots.acquire(blocking=False):
                     admin.refused += 1
                     self.shutdown_request(request)
@@ -309,22 +351,63 @@ class AdminServer:
                     slots.release()
                     raise
 
-            def process_request_thread(self, request, client_address):
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
                 try:
                     super().process_request_thread(request, client_address)
                 finally:
                     slots.release()
 
-            def handle_error(self, request, client_address):
+            def handle_error(self, request: Any, client_address: Any) -> None:
                 # A client that vanished mid-answer is not an error of ours.
                 exc = sys.exc_info()[1]
-                if not isinstance(exc, (ConnectionError, socket.timeout)):
+                if exc is not None and not isinstance(exc, (ConnectionError, socket.timeout)):
                     admin.errors.record("the admin endpoint", exc)
 
         self.httpd = Server((host, int(port)), Handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="fastlb-admin",
                                        daemon=True)
+
+    def handle_api(self, method: str, target: str, headers: Any, body: Any) -> tuple[int, Any]:
+        """One API request: ``(status, JSON-able answer)``; see fastlb.api for what each does."""
+        if self.api is None:
+            return 404, {"error": "the admin API is off (--admin-token-file)"}
+        offered = headers.get("Authorization", "")
+        if not (offered.startswith("Bearer ")
+                and hmac.compare_digest(offered[len("Bearer "):].strip().encode(), self.token)):
+            return 401, {"error": "a valid bearer token is required"}
+        parts = [unquote(part) for part in target.split("?", 1)[0].split("/")[2:]]
+        try:
+            payload = self._payload(headers, body) if method == "POST" else None
+            if parts == ["backends"] and method == "GET":
+                return 200, self.api.backends()
+            if parts == ["backends"] and method == "POST":
+                return 201, self.api.add(payload)
+            if len(parts) == 2 and parts[0] == "backends" and method == "DELETE":
+                self.api.remove(parts[1])
+                return 202, {"removed": parts[1], "draining": True}
+            if len(parts) == 3 and parts[0] == "backends" and method == "POST":
+                field = parts[2]
+                if field in ("state", "weight") and isinstance(payload, dict) and field in payload:
+                    change = self.api.set_state if field == "state" else self.api.set_weight
+                    return 200, change(parts[1], payload[field])
+                return 400, {"error": "expected a JSON object with a %r" % field}
+        except ApiError as exc:
+            return exc.status, {"error": str(exc)}
+        return 404, {"error": "no such API: %s %s" % (method, target)}
+
+    @staticmethod
+    def _payload(headers: Any, body: Any) -> Any:
+        try:
+            length = int(headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(411, "a Content-Length is required") from None
+        if not 0 <= length <= API_MAX_BODY:
+            raise ApiError(413, "the body is limited to %d bytes" % API_MAX_BODY)
+        try:
+            return json.loads(body.read(length) or b"null")
+        except ValueError as exc:
+            raise ApiError(400, "not JSON: %s" % exc) from None
 
     def start(self) -> None:
         self.thread.start()

@@ -71,8 +71,10 @@ import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import BinaryIO, Optional
+from typing import Any, BinaryIO, Optional
 from urllib.parse import unquote_to_bytes
+
+from fastlb.settings import argparse_type, at_least_one, port_or_zero, seconds
 
 __all__ = ["FileServer", "HTTPError", "Request", "main", "read_request", "resolve_path"]
 
@@ -152,7 +154,7 @@ class Request:
     method: str
     target: str
     version: str                      # "HTTP/1.0" or "HTTP/1.1"
-    headers: dict                     # lower-case name -> value; repeated fields joined by ", "
+    headers: dict[str, str]           # lower-case name -> value; repeated fields joined by ", "
     content_length: Optional[int]     # None when the request has no Content-Length
     chunked: bool                     # a Transfer-Encoding we cannot frame
     keep_alive: bool
@@ -165,7 +167,7 @@ def read_request(rfile: BinaryIO, limit: int = MAX_HEAD_BYTES) -> Optional[Reque
     Raises HTTPError(400) for a malformed or oversized head, or one cut short by EOF.
     """
     budget = limit
-    lines = []
+    lines: list[str] = []
     while True:
         raw = rfile.readline(budget + 1)
         if not raw:
@@ -188,7 +190,7 @@ def read_request(rfile: BinaryIO, limit: int = MAX_HEAD_BYTES) -> Optional[Reque
     return build_request(method, target, version, parse_headers(lines[1:]))
 
 
-def parse_request_line(line: str) -> tuple:
+def parse_request_line(line: str) -> tuple[str, str, str]:
     """Split ``METHOD TARGET HTTP/1.x`` into its three parts."""
     parts = line.split(" ")
     if len(parts) != 3:
@@ -205,9 +207,9 @@ def parse_request_line(line: str) -> tuple:
     return method, target, "HTTP/1.0" if match.group(2) == "0" else "HTTP/1.1"
 
 
-def parse_headers(lines: list) -> dict:
+def parse_headers(lines: list[str]) -> dict[str, str]:
     """Parse ``Name: value`` lines into a dict keyed by lower-case name."""
-    headers: dict = {}
+    headers: dict[str, str] = {}
     for line in lines:
         name, colon, value = line.partition(":")
         # A token check also rejects "Name :" and obsolete line folding, both
@@ -222,7 +224,7 @@ def parse_headers(lines: list) -> dict:
     return headers
 
 
-def build_request(method: str, target: str, version: str, headers: dict) -> Request:
+def build_request(method: str, target: str, version: str, headers: dict[str, str]) -> Request:
     """Derive body framing and connection handling from a parsed head."""
     content_length = None
     if "content-length" in headers:
@@ -311,7 +313,7 @@ class _SocketReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         wait = min(self.timeout, self.deadline - time.monotonic())
         if wait <= 0:
             raise socket.timeout("deadline passed")
@@ -322,7 +324,7 @@ class _SocketReader(io.RawIOBase):
 class _Connection:
     """One client connection: answers its requests in turn until either side is done."""
 
-    def __init__(self, server: FileServer, sock: socket.socket, peer: tuple):
+    def __init__(self, server: FileServer, sock: socket.socket, peer: tuple[Any, ...]):
         self.server = server
         self.sock = sock
         self.peer = "%s:%s" % peer[:2]
@@ -581,10 +583,12 @@ class FileServer:
         self._slot_freed = threading.Condition(self._lock)  # a connection left _sockets, or stopping
         self._entries = 0
         self._errors = 0
-        self._sockets: set = set()     # open client connections, at most max_connections; cut by stop()
+        # Open client connections, at most max_connections; cut by stop().
+        self._sockets: set[socket.socket] = set()
         self._stopping = False
         self._listener: Optional[socket.socket] = None
-        self._wakeup: tuple = ()       # a socket pair: stop() writes to [1] to end the accept loop
+        # A socket pair: stop() writes to [1] to end the accept loop.
+        self._wakeup: tuple[socket.socket, ...] = ()
         self._thread: Optional[threading.Thread] = None
 
     @property
@@ -602,7 +606,7 @@ class FileServer:
         with self._lock:
             return self._errors
 
-    def counts(self) -> tuple:
+    def counts(self) -> tuple[int, int]:
         """``(errors, entries)`` taken together, as /healthcheck reports them."""
         with self._lock:
             return self._errors, self._entries
@@ -645,6 +649,7 @@ class FileServer:
             self._stopping = True
             self._slot_freed.notify_all()
         self._wakeup[1].send(b"\0")
+        assert self._thread is not None  # started with the listener
         self._thread.join()
         listener.close()  # connections still in the backlog are reset
         for end in self._wakeup:
@@ -695,7 +700,7 @@ class FileServer:
                 log.warning("cannot serve the connection from %s:%s: %s", *peer[:2], exc)
                 self._forget(sock)
 
-    def serve_connection(self, sock: socket.socket, peer: tuple) -> None:
+    def serve_connection(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         """Answer requests on one accepted connection until it ends (runs in its own thread)."""
         try:
             _Connection(self, sock, peer).serve()
@@ -717,38 +722,8 @@ class FileServer:
     def __enter__(self) -> FileServer:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def _port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid port %r" % text) from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("port %d is outside 0..65535" % value)
-    return value
-
-
-def _connection_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid number of connections %r" % text) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, not %d" % value)
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("invalid number of seconds %r" % text) from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError("timeout must be positive, not %s" % text)
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -756,17 +731,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastlb-backend",
         description="Serve a directory over HTTP/1.1 (GET, HEAD, PUT) with a fastlb /healthcheck.",
     )
-    parser.add_argument("port", type=_port_number, metavar="PORT",
+    parser.add_argument("port", type=argparse_type(port_or_zero), metavar="PORT",
                         help="TCP port to listen on; 0 picks a free one (the start-up line shows it)")
     parser.add_argument("--dir", default=".", metavar="DIR",
                         help="directory to serve (default: the current directory)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=argparse_type(seconds), default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="close a connection whose request head takes longer than this to"
                              " arrive, idle ones included, or whose body falls below %d bytes/s"
                              " after this long (default: %g)" % (MIN_BODY_RATE, DEFAULT_TIMEOUT))
-    parser.add_argument("--max-connections", type=_connection_count, default=DEFAULT_MAX_CONNECTIONS,
+    parser.add_argument("--max-connections", type=argparse_type(at_least_one), default=DEFAULT_MAX_CONNECTIONS,
                         metavar="N",
                         help="serve at most N connections at once; more wait in the listen backlog"
                              " until one ends (default: %d)" % DEFAULT_MAX_CONNECTIONS)
@@ -778,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     """Run the server until SIGTERM or SIGINT; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)

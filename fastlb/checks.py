@@ -27,10 +27,10 @@ import os
 import selectors
 import socket
 import time
-from typing import Optional, Union
+from typing import Any, Iterable, Optional
 
 from fastlb import bridge
-from fastlb.settings import Address
+from fastlb.settings import Address, Check
 
 # http and tcp checks read at most this much: enough for a status page or a
 # Redis INFO section, bounded so a backend cannot make a probe buffer without end.
@@ -38,8 +38,8 @@ MAX_CHECK_ANSWER = 16384
 
 # A verdict: ``(errors, entries)`` from a load check, HEALTHY from the others,
 # None for a failed probe.
-HEALTHY = ()
-Result = Optional[Union[tuple, tuple[int, int]]]
+Result = Optional[tuple[int, ...]]
+HEALTHY: Result = ()
 
 
 def probe_port(address: Address) -> int:
@@ -87,7 +87,7 @@ def judge(address: Address, answer: bytes, at_eof: bool) -> Optional[tuple[Resul
     return None
 
 
-def _judge_http(check, answer: bytes, at_eof: bool) -> Optional[tuple[Result, str]]:
+def _judge_http(check: Check, answer: bytes, at_eof: bool) -> Optional[tuple[Result, str]]:
     status = bridge.parse_status_line(answer)
     if status < 0:
         return None, "malformed status line"
@@ -127,7 +127,7 @@ class Probe:
     and ``close`` once it has unregistered the socket.
     """
 
-    def __init__(self, address: Address, timeout: float, backend=None, rounds: Optional[list] = None):
+    def __init__(self, address: Address, timeout: float, backend: Any = None, rounds: Any = None):
         # ``backend`` and ``rounds`` (the rounds waiting for this probe) are the owner's business.
         self.address, self.timeout, self.backend, self.rounds = address, timeout, backend, rounds
         self.started = time.monotonic()
@@ -222,14 +222,15 @@ class Probe:
         self.sock.close()
 
 
-def probe_many(addresses, timeout: float) -> dict:
+def probe_many(addresses: Iterable[Address],
+               timeout: float) -> dict[str, tuple[Result, str, Optional[float]]]:
     """Probe several backends at once, outside any round: name -> (result, reason, latency).
 
     Used where no health thread loop is running yet or should be involved: a
     one-off check, and a reload probing its new backends before the swap.
     Backends with ``--check none`` are healthy without a probe.
     """
-    results = {}
+    results: dict[str, tuple[Result, str, Optional[float]]] = {}
     probes = []
     for address in addresses:
         if address.check.kind == "none":

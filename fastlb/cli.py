@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
-import threading
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from fastlb import __version__, bridge, configfile
-from fastlb.settings import (SETTINGS, Config, SettingError, backend, default_balance, make_check,
-                             port, resolve)
+from fastlb.settings import (SETTINGS, Config, SettingError, argparse_type, backend, port)
 
 log = logging.getLogger("fastlb")
 
@@ -36,19 +33,6 @@ kills one backend half-way and shows how fastlb routes around it.
 Environment: FASTLB_NO_EXTENSIONS=1 forces the pure-Python relay."""
 
 
-def _argparse_type(parse: Callable[[str], object]) -> Callable[[str], object]:
-    """Turn a settings parser into an argparse type whose errors read as one clear line."""
-
-    def convert(text: str) -> object:
-        try:
-            return parse(text)
-        except SettingError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastlb", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
@@ -57,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         # nginx take no abbreviations either.
         allow_abbrev=False,
     )
-    parser.add_argument("port", metavar="LB_PORT", type=_argparse_type(port), nargs="?",
+    parser.add_argument("port", metavar="LB_PORT", type=argparse_type(port), nargs="?",
                         help="port to accept client connections on")
-    parser.add_argument("servers", metavar="SERVER", nargs="*", type=_argparse_type(backend),
+    parser.add_argument("servers", metavar="SERVER", nargs="*", type=argparse_type(backend),
                         help="backend as PORT or HOST:PORT; the same backend may be given twice")
     parser.add_argument("--config", metavar="FILE",
                         help="read settings and backends from a TOML file; options and "
@@ -73,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="%s (default: %s)" % (setting.help, setting.shown_default))
             continue
         parser.add_argument(
-            *setting.flags, dest=setting.name, type=_argparse_type(setting.parse),
+            *setting.flags, dest=setting.name, type=argparse_type(setting.parse),
             default=argparse.SUPPRESS, metavar=setting.metavar or None,
             help="%s (default: %s)" % (setting.help, setting.shown_default),
         )
@@ -108,21 +92,10 @@ def build_config(args: argparse.Namespace) -> Config:
                if key not in values]
     if missing:
         raise SettingError("the following arguments are required: %s" % ", ".join(missing))
-    if not values["balance"]:
-        values["balance"] = default_balance(values["check"])
-    make_check(values)   # the global check settings alone, so their errors name no backend
-    backends = []
-    for address in values["backends"]:
-        try:
-            backends.append(resolve(address.with_settings(values)))
-        except SettingError as exc:
-            # A backend table's check settings are judged only here, merged
-            # with the global ones: name the file's line like every file error.
-            where = configfile.location(args.config, "backends") + ": " \
-                if args.config and not args.servers else ""
-            raise SettingError("%sbackend %s: %s" % (where, address.name, exc)) from None
-    values["backends"] = backends
-    return Config(**values)
+    # A backend table's check settings are judged only once merged with the
+    # global ones: name the file's line like every file error.
+    where = configfile.location(args.config, "backends") if args.config and not args.servers else ""
+    return configfile.complete(values, where)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
@@ -162,47 +135,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("fastlb: %s" % exc, file=sys.stderr)
         return 1
 
-    def on_signal(signum: int, frame: object) -> None:
-        if balancer.stopping:
-            # The operator insists: no more draining.
-            os.write(2, b"fastlb: second signal, exiting at once\n")
-            os._exit(1)
-        log.info("%s received: no longer accepting, draining (send it again to exit at once)",
-                 signal.Signals(signum).name)
-        balancer.stop()
-
-    reload_lock = threading.Lock()
-
-    def reload() -> None:
-        try:
-            apply_reload()
-        except Exception as exc:   # the running configuration stays; the thread ends cleanly
-            balancer.internal_errors.record("a reload", exc)
-
-    def apply_reload() -> None:
-        with reload_lock:
-            if not args.config:
-                log.warning("SIGHUP: no --config file to re-read; reopening the access log only")
-                if balancer.access_log:
-                    balancer.access_log.reopen()
-                return
-            try:
-                new_config = build_config(args)
-            except SettingError as exc:
-                log.error("reload failed, keeping the running configuration: %s", exc)
-                return
-            balancer.reload(new_config)
-
-    def on_hangup(signum: int, frame: object) -> None:
-        # Re-reading the file and resolving names must not stall the accept loop.
-        threading.Thread(target=reload, name="fastlb-reload", daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    if args.config:
+        # What SIGHUP re-reads: the file, under the command line's overrides.
+        balancer.config_source = lambda: build_config(args)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, balancer.signal_received)
     # The kernel may deliver a signal to any thread, while Python runs its
     # handlers only in this one: the wakeup fd gets the accept loop out of its
     # wait whichever thread was hit.
     signal.set_wakeup_fd(balancer.wakeup_fd)
-    signal.signal(signal.SIGHUP, on_hangup)
     balancer.run()
     return 0

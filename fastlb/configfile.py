@@ -20,7 +20,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised only on old Pythons
     import tomli as tomllib
 
-from fastlb.settings import SETTINGS, Address, Setting, SettingError, backend, port
+from fastlb.discovery import Discovery
+from fastlb.settings import (SETTINGS, Address, Config, Setting, SettingError, backend, default_balance,
+                             literal, make_check, parse_resolvers, port)
 
 
 def _line_of(text: str, key: str) -> int:
@@ -118,13 +120,14 @@ def _backends(value: Any) -> list[Address]:
         if isinstance(item, (str, int)) and not isinstance(item, bool):
             addresses.append(backend(str(item)))
         elif isinstance(item, dict):
-            addresses.append(_backend_table(item))
+            addresses.append(backend_table(item))
         else:
             raise SettingError("a backend is \"HOST:PORT\" or {address = \"HOST:PORT\", weight = N, ...}")
     return addresses
 
 
-def _backend_table(item: dict) -> Address:
+def backend_table(item: dict[str, Any]) -> Address:
+    """A backend from a table (config file, admin API): address, weight, backup and per-backend settings."""
     if "address" not in item:
         raise SettingError("a backend table needs an 'address'")
     address = backend(str(item["address"]))
@@ -148,3 +151,32 @@ def _backend_table(item: dict) -> Address:
         except SettingError as exc:
             raise SettingError(where + "%s: %s" % (key, exc)) from None
     return dataclasses.replace(address, weight=weight, backup=backup, overrides=tuple(overrides))
+
+
+def complete(values: dict[str, Any], where: str = "") -> Config:
+    """A Config from every setting's value, the port and the backends; SettingError when they do not fit.
+
+    What the command line, the config file and ``fastlb.serve`` share once
+    each setting was validated on its own: the default policy, the check
+    settings against each other, each backend's own settings merged with the
+    global ones (``where`` names the file's line for their errors), and with
+    ``--resolve-interval 0`` names that must resolve now.
+    """
+    values = dict(values)
+    if not values["balance"]:
+        values["balance"] = default_balance(values["check"])
+    if values["admin_token_file"] and not values["admin"]:
+        raise SettingError("--admin-token-file needs --admin (the API is served there)")
+    make_check(values)   # the global check settings alone, so their errors name no backend
+    backends = []
+    for address in values["backends"]:
+        try:
+            backends.append(literal(address.with_settings(values)))
+        except SettingError as exc:
+            raise SettingError("%sbackend %s: %s" % (where + ": " if where else "", address.name,
+                                                     exc)) from None
+    if not values["resolve_interval"]:
+        # Resolved once, at start-up: a name that does not resolve is an error, as in HAProxy.
+        Discovery(parse_resolvers(values["resolvers"])).check(backends)
+    values["backends"] = backends
+    return Config(**values)

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional, Sequence
 
 from fastlb import bridge
 from fastlb.balancer import Balancer
@@ -30,19 +31,20 @@ LISTEN_RE = re.compile(r"listening on [^:\s]+:(\d+)")
 class EventLog(logging.Handler):
     """Keeps the balancer's recent log messages for the table's footer."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
 
-    def emit(self, record):
+    def emit(self, record: logging.LogRecord) -> None:
         self.lines.append("%s  %s" % (time.strftime("%H:%M:%S"), record.getMessage()))
         del self.lines[:-6]
 
 
-def start_backend(directory: Path, name: str) -> tuple[subprocess.Popen, int]:
+def start_backend(directory: Path, name: str) -> tuple[subprocess.Popen[str], int]:
     (directory / "who").write_text(name)
     proc = subprocess.Popen([sys.executable, "-m", "fastlb.backend", "0", "--dir", str(directory)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
     line = proc.stderr.readline()
     match = LISTEN_RE.search(line)
     if not match:
@@ -51,7 +53,7 @@ def start_backend(directory: Path, name: str) -> tuple[subprocess.Popen, int]:
     return proc, int(match.group(1))
 
 
-def client(port: int, tally: Counter, failures: Counter, stop: threading.Event) -> None:
+def client(port: int, tally: Counter[str], failures: Counter[str], stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -72,7 +74,8 @@ def client(port: int, tally: Counter, failures: Counter, stop: threading.Event) 
         time.sleep(0.01)
 
 
-def render(balancer: Balancer, names: dict, tally: Counter, failures: Counter, events: EventLog,
+def render(balancer: Balancer, names: dict[str, str], tally: Counter[str], failures: Counter[str],
+           events: EventLog,
            elapsed: float, note: str) -> str:
     lines = ["fastlb demo (%s bridge), %4.1fs  %s" % (bridge.IMPLEMENTATION, elapsed, note), "",
              "  %-16s %-6s %8s %8s   %s" % ("backend", "state", "routed", "answers", "last change")]
@@ -89,7 +92,7 @@ def render(balancer: Balancer, names: dict, tally: Counter, failures: Counter, e
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fastlb demo", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of traffic (default 10)")
     parser.add_argument("--clients", type=int, default=4, help="client threads (default 4)")
@@ -101,7 +104,8 @@ def main(argv=None) -> int:
     logging.getLogger("fastlb").addHandler(events)
     logging.getLogger("fastlb").setLevel(logging.INFO)
     interactive = sys.stdout.isatty()
-    backends, names = [], {}
+    backends: list[subprocess.Popen[str]] = []
+    names: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fastlb-demo-") as tmp:
         try:
             for i in range(3):
@@ -118,7 +122,9 @@ def main(argv=None) -> int:
             runner = threading.Thread(target=balancer.run, daemon=True)
             runner.start()
 
-            tally, failures, stop = Counter(), Counter(), threading.Event()
+            tally: Counter[str] = Counter()
+            failures: Counter[str] = Counter()
+            stop = threading.Event()
             clients = [threading.Thread(target=client, args=(balancer.port, tally, failures, stop),
                                         daemon=True) for _ in range(args.clients)]
             for thread in clients:

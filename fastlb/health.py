@@ -34,12 +34,12 @@ import logging
 import selectors
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from fastlb import bridge
 from fastlb.checks import Probe, probe, probe_many
 from fastlb.failsafe import INTERNAL_ERRORS, InternalErrors
-from fastlb.pool import BackendPool
+from fastlb.pool import MAINT, Backend, BackendPool
 from fastlb.waker import Waker
 
 __all__ = ["HealthChecker", "probe", "probe_many"]
@@ -67,12 +67,12 @@ class HealthChecker:
         # the waker writes one byte per wait, not one per trigger.
         self._waker = Waker()
         self._selector.register(self._waker, selectors.EVENT_READ, None)
-        self._probes: dict = {}            # backend -> its running Probe
+        self._probes: dict[Backend, Probe] = {}   # backend -> its running Probe
         # Running probes past round_wait: they hold no round any longer.
         self._overdue: set[Probe] = set()
         # Rounds that found a backend being probed: they wait for a probe
         # started once the running one ends (``_probe``).
-        self._queued: dict = {}
+        self._queued: dict[Backend, list[list[Any]]] = {}
         self._triggered = False
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
@@ -89,8 +89,25 @@ class HealthChecker:
         self._thread.start()
 
     def stop(self) -> None:
+        """End ``run``, which then closes the checker; one that never started is closed here."""
         self._stopped = True
-        self._waker.wake()
+        if self._thread is None:
+            self.close()
+        else:
+            self._waker.wake()   # after close(), a no-op
+
+    def close(self) -> None:
+        """Close the probes still running, the selector and the waker (``run`` does as it ends).
+
+        Only from the thread that owns the selector: the health thread, or the
+        caller of ``first_round`` when no thread was started.
+        """
+        for one in list(self._probes.values()):
+            self._selector.unregister(one.sock)
+            one.close()
+        self._probes.clear()
+        self._selector.close()
+        self._waker.close()
 
     # -- the health-check thread (or the caller of first_round, before it starts) -----
 
@@ -104,16 +121,16 @@ class HealthChecker:
         # counts as one until every probe has started: a probe that ends
         # inside its constructor (a refused connect) must not finish the round
         # while others are still to start.
-        entry = [self.pool.begin_round(), 1]
+        entry: list[Any] = [self.pool.begin_round(), 1]
         for backend in self.pool.backends:
             kind = backend.address.check.kind
-            if kind == "none" or load_only and kind != "load":
+            if kind == "none" or load_only and kind != "load" or backend.admin_state == MAINT:
                 continue
             entry[1] += 1
             self._probe(backend, [entry])
         self._probe_ended(entry)
 
-    def _probe(self, backend, rounds: list) -> None:
+    def _probe(self, backend: Backend, rounds: list[list[Any]]) -> None:
         """Start a probe of ``backend`` for ``rounds`` (each already counts it), or queue them behind its running one.
 
         SPEC §2: a round triggered by a connection is over, with probes
@@ -188,9 +205,7 @@ class HealthChecker:
                 self.errors.record("the health checker", exc)
                 # Whatever failed may fail again at once: not a busy loop.
                 time.sleep(ERROR_PAUSE)
-        for one in list(self._probes.values()):
-            self._selector.unregister(one.sock)
-            one.close()
+        self.close()
 
     def _step(self, until: float = float("inf")) -> None:
         """Wait for socket events or the next deadline, and advance the probes."""
@@ -237,7 +252,7 @@ class HealthChecker:
         for entry in one.rounds:
             self._probe_ended(entry)
 
-    def _probe_ended(self, entry: list) -> None:
+    def _probe_ended(self, entry: list[Any]) -> None:
         entry[1] -= 1
         if entry[1] == 0:
             self.pool.finish_round(entry[0])

@@ -6,7 +6,7 @@ backends' figures (``rr_current``) and its own memory (the leastconn cursor,
 the random generator) only because of that lock.
 
 A backend is anything with the attributes ``name``, ``index``, ``state``,
-``removed``, ``weight``, ``backup``, ``entries``, ``errors``, ``active``,
+``closed``, ``weight``, ``backup``, ``entries``, ``errors``, ``active``,
 ``reports_load`` and ``rr_current``; ``fastlb.pool.Backend`` is the real one.
 This module does not import ``pool`` (the arrows point down: pool -> policies).
 """
@@ -28,15 +28,17 @@ UP = "up"   # the routable state, spelled as in pool.py
 _MASK64 = (1 << 64) - 1
 
 
-def candidates(backends: Iterable[Any], exclude: Container[Any] = ()) -> list:
+def candidates(backends: Iterable[Any], exclude: Container[Any] = ()) -> list[Any]:
     """The backends that may take a new connection, in table order.
 
-    Those up, not removed by a reload, not in ``exclude`` and not backup; when
-    there is none, the backup ones that are up, not removed and not excluded.
+    Those up, not closed to new connections (removed by a reload, drained or
+    in maintenance), not in ``exclude`` and not backup; when there is none,
+    the backup ones that are up, not closed and not excluded.
     """
-    primary, backups = [], []
+    primary: list[Any] = []
+    backups: list[Any] = []
     for backend in backends:
-        if backend.state != UP or backend.removed or backend in exclude:
+        if backend.state != UP or backend.closed or backend in exclude:
             continue
         (backups if backend.backup else primary).append(backend)
     return primary or backups
@@ -44,7 +46,8 @@ def candidates(backends: Iterable[Any], exclude: Container[Any] = ()) -> list:
 
 # -- least-loaded (the default with --check load) --------------------------------
 
-def _least_loaded(backends, exclude=(), client=None):
+def _least_loaded(backends: Iterable[Any], exclude: Container[Any] = (),
+                  client: Optional[str] = None) -> Any:
     """Fewest entries per unit of weight, then fewest errors, then smallest index.
 
     The same rule, with the same float division, as ``Backend.load()`` in pool.py.
@@ -54,14 +57,15 @@ def _least_loaded(backends, exclude=(), client=None):
     no other backend qualified.
     """
     best = best_backup = None
-    best_load = backup_key = None
+    best_load: Optional[float] = None
+    backup_key: Optional[tuple[float, int, int]] = None   # set with best_backup
     for backend in backends:
-        if backend.state != UP or backend.removed or backend in exclude:
+        if backend.state != UP or backend.closed or backend in exclude:
             continue
         if backend.backup:
             if best is None:
                 key = (backend.entries / backend.weight, backend.errors, backend.index)
-                if best_backup is None or key < backup_key:
+                if backup_key is None or key < backup_key:
                     best_backup, backup_key = backend, key
             continue
         if best is None:
@@ -78,7 +82,8 @@ def _least_loaded(backends, exclude=(), client=None):
 
 # -- roundrobin ------------------------------------------------------------------
 
-def _roundrobin(backends, exclude=(), client=None):
+def _roundrobin(backends: Iterable[Any], exclude: Container[Any] = (),
+                client: Optional[str] = None) -> Any:
     """nginx's smooth weighted round robin over the candidates.
 
     Every candidate's ``rr_current`` grows by its weight, the largest takes the
@@ -90,7 +95,7 @@ def _roundrobin(backends, exclude=(), client=None):
     pool = candidates(backends, exclude)
     if not pool:
         return None
-    best = None
+    best: Any = None
     total = 0
     for backend in pool:
         weight = backend.weight
@@ -132,7 +137,8 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _source(backends, exclude=(), client=None):
+def _source(backends: Iterable[Any], exclude: Container[Any] = (),
+            client: Optional[str] = None) -> Any:
     """Weighted rendezvous (highest random weight) hashing of the client's address.
 
     Each candidate scores ``-weight / ln(u)``, ``u`` in (0, 1) drawn from a hash
@@ -202,7 +208,8 @@ class Policy:
     def __repr__(self) -> str:
         return "<Policy %s>" % self.name
 
-    def _leastconn(self, backends, exclude=(), client=None):
+    def _leastconn(self, backends: Iterable[Any], exclude: Container[Any] = (),
+                    client: Optional[str] = None) -> Any:
         """Fewest relays open per unit of weight; the equally loaded take turns.
 
         Among ties the first whose index comes after the one this policy chose
@@ -228,13 +235,16 @@ class Policy:
             self._last_index = best.index
         return best
 
-    def _p2c(self, backends, exclude=(), client=None):
+    def _p2c(self, backends: Iterable[Any], exclude: Container[Any] = (),
+              client: Optional[str] = None) -> Any:
         """Power of two choices (Envoy's least_request): the less loaded of two random candidates.
 
         Load is entries per unit of weight, then errors, when both report it
         (``--check load``); otherwise relays open per unit of weight.  Two
-        random picks avoid the herd that always-the-least-loaded causes when
-        the figures are stale, while still never picking the most loaded.
+        random picks spread the choices of balancers that see the same stale
+        figures, while never picking the most loaded; with few backends that
+        helps little (measured in docs/deploy.md: with three, leastconn did
+        better for two instances).
         """
         pool = candidates(backends, exclude)
         n = len(pool)

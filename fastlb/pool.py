@@ -17,7 +17,7 @@ import bisect
 import logging
 import threading
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from fastlb.policies import Policy
 from fastlb.settings import Address
@@ -25,6 +25,17 @@ from fastlb.settings import Address
 log = logging.getLogger("fastlb")
 
 UNKNOWN, UP, DOWN = "unknown", "up", "down"
+# Administrative states, set at run time (fastlb.api): ready takes traffic;
+# drain takes no new connections but is still probed; maint is neither
+# routed to nor probed (HAProxy's "drain" and "maint").
+READY, DRAIN, MAINT = "ready", "drain", "maint"
+ADMIN_STATES = (READY, DRAIN, MAINT)
+
+# A probe's outcome: (errors, entries) from a load check, () from any other
+# healthy check, None when the backend failed it.
+ProbeResult = Optional[tuple[int, ...]]
+# A probe round's entry in the table: [rounds asked when it began, applied?].
+RoundEntry = list[Any]
 
 # Upper bounds (seconds) of the connection-duration histogram buckets.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0)
@@ -38,6 +49,7 @@ class Backend:
         "probe_started_routed", "routed", "active", "bytes_up", "bytes_down",
         "responses", "failures", "last_change", "probe_latency", "good_probes",
         "bad_probes", "removed", "durations", "duration_sum", "rr_current", "replays",
+        "admin_state", "closed",
     )
 
     def __init__(self, address: Address, index: int):
@@ -62,6 +74,8 @@ class Backend:
         self.good_probes = 0          # consecutive healthy probes (for --rise)
         self.bad_probes = 0           # consecutive failed probes (for --fall)
         self.removed = False          # dropped by a reload: no new traffic, relays drain
+        self.admin_state = READY      # set at run time (admin API): ready, drain or maint
+        self.closed = False           # no new connections: removed, drained or in maintenance
         self.durations = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
         self.rr_current = 0           # smooth weighted round robin's running weight
@@ -84,7 +98,7 @@ class Backend:
         """Does the backend's health answer carry its load (``--check load``)?"""
         return self.address.check.kind == "load"
 
-    def load(self) -> tuple:
+    def load(self) -> tuple[float, int, int]:
         """The selection key: entries per unit of weight, then errors, then command-line order."""
         return (self.entries / self.address.weight, self.errors, self.index)
 
@@ -94,7 +108,8 @@ class Backend:
 
 def choose_backend(backends: Iterable[Backend], exclude: Sequence[Backend] = ()) -> Optional[Backend]:
     """SPEC §3's rule, the ``least-loaded`` policy: fewest entries per unit of weight, then errors, then order."""
-    return _LEAST_LOADED(backends, exclude)
+    best: Optional[Backend] = _LEAST_LOADED(backends, exclude)
+    return best
 
 
 _LEAST_LOADED = Policy("least-loaded").choose
@@ -127,9 +142,9 @@ class BackendPool:
         # [rounds asked when it began, applied?], oldest first; every trigger
         # up to ``_rounds_applied`` has had its round applied.
         self._rounds_asked = 0
-        self._rounds: list[list] = []
+        self._rounds: list[RoundEntry] = []
         self._rounds_applied = 0
-        self.round_listeners: list = []   # called after each round is applied
+        self.round_listeners: list[Callable[[], None]] = []   # called after each round is applied
         self._closed_triggers: set[int] = set()   # rounds whose triggering connection closed
 
     # -- accept loop -------------------------------------------------------
@@ -177,7 +192,7 @@ class BackendPool:
                 return True
             for round_asked, applied in self._rounds:
                 if round_asked >= ticket:
-                    return applied
+                    return bool(applied)
             return False
 
     def choose(self, exclude: Sequence[Backend] = (), client: Optional[str] = None) -> Optional[Backend]:
@@ -186,7 +201,7 @@ class BackendPool:
         ``client`` is the client's address, for the ``source`` policy.
         """
         with self._lock:
-            backend = self.policy.choose(self.backends, exclude, client)
+            backend: Optional[Backend] = self.policy.choose(self.backends, exclude, client)
             if backend is None:
                 self.no_backend += 1
                 return None
@@ -258,7 +273,7 @@ class BackendPool:
 
     # -- health checker ------------------------------------------------------
 
-    def begin_round(self) -> list:
+    def begin_round(self) -> RoundEntry:
         """Record the start of a probe round; hand the result to ``finish_round``."""
         with self._lock:
             entry = [self._rounds_asked, False]
@@ -267,7 +282,7 @@ class BackendPool:
                 self._rounds.append(entry)
             return entry
 
-    def finish_round(self, entry: list) -> None:
+    def finish_round(self, entry: RoundEntry) -> None:
         """Every probe claimed by the round ``entry`` (from ``begin_round``) has been applied."""
         with self._lock:
             entry[1] = True
@@ -291,13 +306,13 @@ class BackendPool:
         with self._lock:
             backend.probing = False
 
-    def apply_probe(self, backend: Backend, result: Optional[tuple], reason: str,
+    def apply_probe(self, backend: Backend, result: ProbeResult, reason: str,
                     latency: Optional[float]) -> None:
         """Apply one probe's outcome: ``(errors, entries)`` or ``()`` when healthy, else None and a reason."""
         with self._lock:
             self._locked_apply_probe(backend, result, reason, latency)
 
-    def _locked_apply_probe(self, backend: Backend, result: Optional[tuple], reason: str,
+    def _locked_apply_probe(self, backend: Backend, result: ProbeResult, reason: str,
                             latency: Optional[float]) -> None:
         backend.probing = False
         backend.probe_latency = latency
@@ -325,6 +340,38 @@ class BackendPool:
         if backend.good_probes >= self.rise or backend.state == UNKNOWN:
             self._locked_set_state(backend, UP, reason)
 
+    def set_admin_state(self, name: str, state: str) -> Backend:
+        """Set a backend's administrative state (ready, drain or maint); KeyError if there is none."""
+        with self._lock:
+            backend = self._locked_find(name)
+            previous, backend.admin_state = backend.admin_state, state
+            backend.closed = backend.removed or state != READY
+            if previous == MAINT and state != MAINT:
+                # Not probed while in maintenance: what it was is stale.
+                backend.state, backend.reason = UNKNOWN, "out of maintenance, not probed yet"
+                backend.last_change = time.time()
+            return backend
+
+    def reset_admin_states(self) -> None:
+        """A reload ends every run-time change: all backends ready again."""
+        with self._lock:
+            for backend in self.backends:
+                if backend.admin_state != READY:
+                    if backend.admin_state == MAINT:
+                        backend.state, backend.reason = UNKNOWN, "out of maintenance, not probed yet"
+                    backend.admin_state = READY
+                    backend.closed = backend.removed
+
+    def find(self, name: str) -> Backend:
+        with self._lock:
+            return self._locked_find(name)
+
+    def _locked_find(self, name: str) -> Backend:
+        for backend in self.backends:
+            if backend.name == name and not backend.removed:
+                return backend
+        raise KeyError(name)
+
     def retry_unchecked(self, interval: float) -> None:
         """Backends without health checks come back up ``interval`` after a failure took them down."""
         now = time.time()
@@ -336,7 +383,8 @@ class BackendPool:
                                            % interval)
 
     def update(self, addresses: Sequence[Address], requests_per_round: int, rise: int,
-               fall: int, first_probes: Optional[dict] = None,
+               fall: int,
+               first_probes: Optional[dict[str, tuple[ProbeResult, str, Optional[float]]]] = None,
                balance: Optional[str] = None) -> list[Backend]:
         """Replace the backend list after a reload; return the backends that are new.
 
@@ -352,26 +400,28 @@ class BackendPool:
             self.rise, self.fall = rise, fall
             if balance is not None and balance != self.policy.name:
                 self.policy = Policy(balance)
-            current: dict[tuple, Backend] = {}
+            current: dict[tuple[str, int], Backend] = {}
             seen: dict[str, int] = {}
             for backend in self.backends:
                 if not backend.removed:
                     n = seen[backend.name] = seen.get(backend.name, 0) + 1
                     current[(backend.name, n)] = backend
-            kept, added = [], []
+            kept: list[Backend] = []
+            added: list[Backend] = []
             seen = {}
             for address in addresses:
                 n = seen[address.name] = seen.get(address.name, 0) + 1
-                backend = current.pop((address.name, n), None)
-                if backend is None:
+                staying = current.pop((address.name, n), None)
+                if staying is None:
                     backend = Backend(address, 0)
                     added.append(backend)
                 else:
+                    backend = staying
                     backend.address = address  # the weight may have changed
                 kept.append(backend)
             for backend in current.values():
-                backend.removed = True
-                log.info("backend %s removed by reload; %d relay(s) draining", backend.name,
+                backend.removed = backend.closed = True
+                log.info("backend %s removed; %d relay(s) draining", backend.name,
                          backend.active)
             draining = [b for b in current.values() if b.active]
             for i, backend in enumerate(kept):
@@ -381,7 +431,7 @@ class BackendPool:
             self.backends = kept + draining
             self._counting = any(b.reports_load for b in kept)
             for backend in added:
-                log.info("backend %s added by reload", backend.name)
+                log.info("backend %s added", backend.name)
                 if first_probes and backend.name in first_probes:
                     self._locked_apply_probe(backend, *first_probes[backend.name])
             return added
@@ -403,9 +453,9 @@ class BackendPool:
     def any_up(self) -> bool:
         """Is some backend routable now?"""
         with self._lock:
-            return any(b.state == UP and not b.removed for b in self.backends)
+            return any(b.state == UP and not b.closed for b in self.backends)
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list[dict[str, Any]]:
         """A consistent copy of the table, for display."""
         with self._lock:
             return [
@@ -416,6 +466,7 @@ class BackendPool:
                     "responses": dict(b.responses), "failures": b.failures, "replays": b.replays,
                     "last_change": b.last_change, "probe_latency": b.probe_latency,
                     "weight": b.address.weight, "removed": b.removed, "backup": b.backup,
+                    "admin_state": b.admin_state,
                     "check": b.address.check.kind,
                     "durations": list(b.durations), "duration_sum": b.duration_sum,
                 }

@@ -28,6 +28,7 @@ class Setting:
     metavar: str = ""
     flag: bool = False              # an on/off switch: takes no value on the command line
     per_backend: bool = False       # a backend table in the config file may set its own
+    restart: bool = False           # a reload (SIGHUP) cannot apply it: it needs a restart
 
     @property
     def shown_default(self) -> str:
@@ -36,6 +37,8 @@ class Setting:
 
 
 CHECK_KINDS = ("load", "http", "tcp", "none")
+# A backend "srv:NAME" stands for the targets of NAME's SRV records (fastlb.discovery).
+SRV_PREFIX = "srv:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +70,20 @@ class Address:
     send_proxy: int = 0             # PROXY protocol version sent before the client's bytes (0: none)
     # Per-backend settings from the config file, applied over the global ones
     # by ``with_settings``: ((setting name, value), ...).
-    overrides: tuple = ()
+    overrides: tuple[tuple[str, Any], ...] = ()
+    # For a backend found through DNS, the name of what it was found from
+    # (``HOST:PORT`` or ``srv:NAME``); empty for one given as an address.
+    origin: str = ""
 
     @property
     def name(self) -> str:
-        return "%s:%d" % (self.host, self.port)
+        if self.host.startswith(SRV_PREFIX):
+            return self.host
+        name = "%s:%d" % (self.host, self.port)
+        # One name, several addresses: each backend is named by both.
+        return "%s@%s" % (name, self.ip) if self.origin else name
 
-    def with_settings(self, values: dict) -> "Address":
+    def with_settings(self, values: dict[str, Any]) -> "Address":
         """This backend with its check and PROXY settings: its own overrides, else the global ones."""
         merged = dict(values)
         own = dict(self.overrides)
@@ -143,7 +153,12 @@ def seconds(text: str) -> float:
 
 
 def backend(text: str) -> Address:
-    """``PORT`` (meaning 127.0.0.1:PORT) or ``HOST:PORT``; ``[V6ADDR]:PORT`` for IPv6."""
+    """``PORT`` (meaning 127.0.0.1:PORT), ``HOST:PORT`` (``[V6ADDR]:PORT`` for IPv6) or ``srv:NAME``."""
+    if text.startswith(SRV_PREFIX):
+        name = text[len(SRV_PREFIX):]
+        if not name or any(c <= " " for c in name):
+            raise SettingError("backend %r: srv: needs a DNS name (srv:_http._tcp.example.com)" % text)
+        return Address(text, 0)
     host, sep, port_text = text.rpartition(":")
     if not sep:
         return Address("127.0.0.1", port(text))
@@ -151,10 +166,21 @@ def backend(text: str) -> Address:
         host = host[1:-1]
     if not host:
         raise SettingError("backend %r has no host before ':'" % text)
+    valid_host(host, "backend %r" % text)
     try:
         return Address(host, port(port_text))
     except SettingError as exc:
         raise SettingError("backend %r: %s" % (text, exc)) from None
+
+
+def valid_host(host: str, what: str) -> None:
+    """A host name DNS could know (labels of at most 63 characters), or an IP address."""
+    if ":" in host:
+        return                    # an IPv6 address; getaddrinfo judges it
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise SettingError("%s: not a valid host name" % what) from None
 
 
 def choice(*allowed: str, what: str) -> Callable[[str], str]:
@@ -242,8 +268,23 @@ def escaped_text(text: str) -> str:
     return text
 
 
-def check_port(text: str) -> int:
-    return 0 if text == "0" else port(text)
+def port_or_zero(text: str) -> int:
+    """A port, or 0 (meaning: the default one, or a free one, as the option says)."""
+    return 0 if text.strip() == "0" else port(text)
+
+
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A settings validator as an argparse type, whose errors read as one clear line."""
+    import argparse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def switch(text: str) -> bool:
@@ -255,7 +296,7 @@ def switch(text: str) -> bool:
     raise SettingError("expected true or false (got %r)" % text)
 
 
-def make_check(values: dict) -> Check:
+def make_check(values: dict[str, Any]) -> Check:
     """The Check for a backend from its settings; SettingError for options its kind cannot use."""
     kind = values.get("check", "load")
     send, expect = values.get("check_send", ""), values.get("check_expect", "")
@@ -266,6 +307,39 @@ def make_check(values: dict) -> Check:
     return Check(kind=kind, path=values.get("check_path", "/healthcheck"),
                  status=parse_status_ranges(values.get("check_status", "200-399")),
                  send=unescape(send), expect=unescape(expect), port=values.get("check_port", 0))
+
+
+def parse_resolvers(text: str) -> list[tuple[str, int]]:
+    """``IP[:PORT],...`` (port 53 by default; ``[V6ADDR]:PORT`` for IPv6 with a port) as a list."""
+    import ipaddress
+
+    servers = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if item.startswith("["):
+            host, _, port_text = item[1:].partition("]")
+            port_text = port_text.lstrip(":") or "53"
+        elif item.count(":") == 1:
+            host, _, port_text = item.partition(":")
+        else:
+            host, port_text = item, "53"
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise SettingError("a resolver is an IP address with an optional :PORT (got %r)" % item) from None
+        try:
+            servers.append((host, port(port_text)))
+        except SettingError as exc:
+            raise SettingError("resolver %r: %s" % (item, exc)) from None
+    return servers
+
+
+def resolver_list(text: str) -> str:
+    parse_resolvers(text)
+    return text
+
+
+def seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else seconds(text)
 
 
 def log_level(text: str) -> str:
@@ -301,7 +375,7 @@ def bind_address(text: str) -> str:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("threads", ("-N", "--threads"), thread_count, 4,
-            "worker threads relaying client connections", "N"),
+            "worker threads relaying client connections", "N", restart=True),
     Setting("requests", ("-R", "--requests"), at_least_one, 5,
             "accepted client connections between two count-triggered health-check rounds", "R"),
     Setting("interval", ("--interval",), seconds, 2.0,
@@ -322,17 +396,17 @@ SETTINGS: tuple[Setting, ...] = (
             "without touching a backend", "SECONDS"),
     Setting("max_queue", ("--max-queue",), at_least_one, 1024,
             "accepted connections handed to a worker and not yet taken up by it; beyond it "
-            "new clients get a 503", "N"),
+            "new clients get a 503", "N", restart=True),
     Setting("max_connections", ("--max-connections",), connection_count, 0,
             "client connections open at once; at the limit fastlb stops accepting and new "
             "clients wait in the listen backlog, as with HAProxy's maxconn (0: as many as the "
             "open-file limit allows: two descriptors each, plus a splice pipe per four "
-            "connections, after fastlb's own, probes and the admin endpoint)", "N"),
+            "connections, after fastlb's own, probes and the admin endpoint)", "N", restart=True),
     Setting("drain_timeout", ("--drain-timeout",), seconds, 30.0,
             "seconds in-flight connections may take to finish after SIGTERM/SIGINT", "SECONDS"),
     Setting("bind", ("--bind",), bind_address, "0.0.0.0",
             "address to listen on (0.0.0.0 means every IPv4 interface, like the classic "
-            "balancer; use 127.0.0.1 to accept local clients only)", "ADDR"),
+            "balancer; use 127.0.0.1 to accept local clients only)", "ADDR", restart=True),
     Setting("rise", ("--rise",), at_least_one, 1,
             "consecutive healthy probes before a down backend is used again", "N"),
     Setting("fall", ("--fall",), at_least_one, 1,
@@ -354,7 +428,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("check_expect", ("--check-expect",), escaped_text, "",
             "tcp check: text that must appear in the answer; http check: in the body (same escapes)",
             "TEXT", per_backend=True),
-    Setting("check_port", ("--check-port",), check_port, 0,
+    Setting("check_port", ("--check-port",), port_or_zero, 0,
             "probe this port instead of the traffic port (0: the traffic port)", "PORT",
             per_backend=True),
     Setting("balance", ("--balance",), balance_policy, "",
@@ -366,16 +440,31 @@ SETTINGS: tuple[Setting, ...] = (
             per_backend=True),
     Setting("accept_proxy", ("--accept-proxy",), switch, False,
             "every client connection must start with a PROXY protocol header (v1 or v2), whose "
-            "address is then the client's", flag=True),
+            "address is then the client's", flag=True, restart=True),
     Setting("retry_on_empty", ("--retry-on-empty",), retry_policy, "idempotent",
             "replay a connection whose backend closes or resets before its first answer byte on "
             "the next backend: idempotent (when the client's bytes, at most 64 KiB so far, start "
-            "with GET, HEAD, OPTIONS, TRACE, PUT or DELETE), always, or never", "WHEN"),
+            "with GET, HEAD, OPTIONS, TRACE, PUT or DELETE), always, or never", "WHEN", restart=True),
+    Setting("resolve_interval", ("--resolve-interval",), seconds_or_zero, 30.0,
+            "seconds between two lookups of the backends given by name (HOST:PORT, srv:NAME): "
+            "one backend per address, new ones probed before they get traffic, vanished ones "
+            "drained; 0 resolves once at start-up (an unresolvable name is then an error)",
+            "SECONDS"),
+    Setting("resolvers", ("--resolvers",), resolver_list, "",
+            "DNS servers to ask, as IP[:PORT],... instead of the system's resolver", "IP:PORT,..."),
+    Setting("reuseport", ("--reuseport",), switch, False,
+            "listen with SO_REUSEPORT, so several fastlb processes share the port (a restart "
+            "starts the new one before stopping the old; see docs/deploy.md)", flag=True,
+            restart=True),
     Setting("admin", ("--admin",), admin_address, "",
             "serve the stats page, /stats.json, /metrics and /healthz on [ADDR:]PORT; a bare PORT "
-            "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT"),
+            "binds 127.0.0.1 only; off when empty", "[ADDR:]PORT", restart=True),
+    Setting("admin_token_file", ("--admin-token-file",), optional_path, "",
+            "turn on the admin API (/api/ on the --admin endpoint: add, remove, drain and weigh "
+            "backends at run time) for requests bearing the secret this file holds "
+            "(Authorization: Bearer SECRET); off when empty", "FILE", restart=True),
     Setting("access_log", ("--access-log",), optional_path, "",
-            "write one line per connection to FILE ('-' for stderr); off when empty", "FILE"),
+            "write one line per connection to FILE ('-' for stderr); off when empty", "FILE", restart=True),
     Setting("log_level", ("--log-level",), log_level, "INFO",
             "least severe log messages shown on stderr: debug, info, warning or error", "LEVEL"),
 )
@@ -383,12 +472,47 @@ SETTINGS: tuple[Setting, ...] = (
 
 # A complete, validated configuration: the listen port, the backends, and one
 # field per setting above with that setting's default.
-Config = dataclasses.make_dataclass(
-    "Config",
-    [("port", int), ("backends", list)]
-    + [(s.name, type(s.default), dataclasses.field(default=s.default)) for s in SETTINGS],
-)
-Config.__doc__ = "A complete, validated fastlb configuration."
+@dataclasses.dataclass
+class Config:
+    """A complete, validated fastlb configuration: the listen port, the backends, one field per setting.
+
+    Written out for readers and type checkers; a test holds the fields, their
+    order and their defaults equal to ``SETTINGS``.
+    """
+
+    port: int
+    backends: list[Address]
+    threads: int = 4
+    requests: int = 5
+    interval: float = 2.0
+    probe_timeout: float = 5.0
+    connect_timeout: float = 3.0
+    server_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    client_timeout: float = 10.0
+    max_queue: int = 1024
+    max_connections: int = 0
+    drain_timeout: float = 30.0
+    bind: str = "0.0.0.0"
+    rise: int = 1
+    fall: int = 1
+    check: str = "load"
+    check_path: str = "/healthcheck"
+    check_status: str = "200-399"
+    check_send: str = ""
+    check_expect: str = ""
+    check_port: int = 0
+    balance: str = ""
+    send_proxy: str = ""
+    accept_proxy: bool = False
+    retry_on_empty: str = "idempotent"
+    resolve_interval: float = 30.0
+    resolvers: str = ""
+    reuseport: bool = False
+    admin: str = ""
+    admin_token_file: str = ""
+    access_log: str = ""
+    log_level: str = "INFO"
 
 
 def default_balance(check: str) -> str:
@@ -396,19 +520,16 @@ def default_balance(check: str) -> str:
     return "least-loaded" if check == "load" else "leastconn"
 
 
-def resolve(address: Address) -> Address:
-    """Resolve a backend's host once, so no connection pays for name resolution."""
+def literal(address: Address) -> Address:
+    """A backend given as an IP address, with its ip and family filled in (no DNS involved)."""
+    import ipaddress
+
     try:
-        infos = socket.getaddrinfo(address.host, address.port, 0, socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise SettingError("cannot resolve backend host %r: %s" % (address.host, exc.strerror)) from None
-    except UnicodeError:
-        # The IDNA codec refuses a label over 63 characters or an empty one.
-        raise SettingError("cannot resolve backend host %r: not a valid host name" % address.host) from None
-    # Prefer IPv4 when a name has both, as most backends listen on it.
-    infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    family, _, _, _, sockaddr = infos[0]
-    return dataclasses.replace(address, ip=sockaddr[0], family=family)
+        ip = ipaddress.ip_address(address.host.split("%")[0])
+    except ValueError:
+        return address            # a name: fastlb.discovery resolves it
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return dataclasses.replace(address, ip=address.host, family=family)
 
 
 def settings_reference() -> str:

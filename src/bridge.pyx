@@ -15,8 +15,9 @@ protocol codec is src/proxy_header.pxd, shared with the engine; here it is only
 wrapped for Python.
 """
 
-import collections
 import os
+
+from fastlb._twin_common import RelayResult, splice_mode
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -33,11 +34,12 @@ from libc_poll cimport POLLIN, POLLOUT, poll, pollfd
 from sigpipe cimport block_sigpipe, unblock_sigpipe
 from splice_pipe cimport open_splice_pipe
 from libc_socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdown
-from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
 from libc_unistd cimport close
 from http_status cimport STATUS_PREFIX_LEN, _is_digit, status_code
-from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses, proxy_addresses_from_tuples,
-                           proxy_addresses_tuple, proxy_build, proxy_error_reason, proxy_parse)
+from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
+                           proxy_addresses_from_tuples, proxy_addresses_tuple, proxy_build,
+                           proxy_error_reason, proxy_parse)
 
 __all__ = [
     "IMPLEMENTATION",
@@ -87,31 +89,14 @@ cdef uint64_t MAX_COUNT = (<uint64_t>1 << 63) - 1
 
 # module= because a compiled module has no frame for namedtuple to find its
 # name in; without it the class claims to live in importlib and cannot pickle.
-RelayResult = collections.namedtuple(
-    "RelayResult", "bytes_up bytes_down up_end down_end end status", module=__name__
-)
-RelayResult.__doc__ = """How one relay ended.
-
-bytes_up     bytes passed client -> backend
-bytes_down   bytes passed backend -> client
-up_end       how client -> backend ended: "eof", "error" or "open"
-down_end     how backend -> client ended: "eof", "error" or "open"
-end          why the relay returned: "done" (both directions reached EOF),
-             "server_timeout" (no byte from the backend within server_timeout
-             of the last byte sent to it, before any byte reached the client),
-             "idle_timeout", "client_error" or "server_error"
-status       status code of the first response passed to the client, 0 when
-             the backend's first bytes were not an HTTP/1.x status line
-"""
-
-
 # -- parsers ------------------------------------------------------------------
 
 # RFC 9110 token characters, the only ones allowed in a header name.
 cdef bint IS_TCHAR[256]
 cdef int _c
 for _c in range(256):
-    IS_TCHAR[_c] = _c in b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    IS_TCHAR[_c] = _c in (b"!#$%&'*+-.^_`|~0123456789"
+                          b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 cdef enum Health:
@@ -279,7 +264,7 @@ def parse_status_line(data):
     cdef int code
     if type(data) is bytes:
         return status_code(<const unsigned char*>PyBytes_AS_STRING(<bytes>data),
-                            PyBytes_GET_SIZE(<bytes>data))
+                           PyBytes_GET_SIZE(<bytes>data))
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     code = status_code(<const unsigned char*>view.buf, view.len)
     PyBuffer_Release(&view)
@@ -319,7 +304,7 @@ def parse_health_answer(data, bint at_eof):
 # -- PROXY protocol -------------------------------------------------------------
 
 def parse_proxy_header(data):
-    """Parse the PROXY protocol header at the start of ``data``: ``(length, source, destination)``, or None.
+    """Parse the PROXY header at the start of ``data``: ``(length, source, destination)``, or None.
 
     None means ``data`` is a valid beginning of a header but not all of it yet.
     ``source`` and ``destination`` are ``(ip, port)``, or both None when the
@@ -375,11 +360,6 @@ cdef enum RelayEnd:
     END_CLIENT_ERROR
     END_SERVER_ERROR
 
-cdef enum SpliceMode:
-    SPLICE_AUTO
-    SPLICE_ALWAYS
-    SPLICE_NEVER
-
 cdef enum:
     # What _send_all and _flush_pipe report (-1 is a raised Python exception).
     SENT_ALL = 0
@@ -421,12 +401,6 @@ cdef struct Relay:
     int os_error            # errno of an unexpected poll(2) failure
 
 
-cdef inline double _monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
-
-
 cdef inline int _poll_ms(double seconds) noexcept nogil:
     """poll(2) timeout for a positive wait, rounded up as the Python twin does."""
     cdef double ms = ceil(seconds * 1000.0)
@@ -443,7 +417,7 @@ cdef int _check_signals() except -1 nogil:
 cdef int _wait_writable(int fd, double deadline) except -1 nogil:
     """Wait for room to write on fd, until deadline at most; 0 when the deadline passed."""
     cdef pollfd pfd
-    cdef double remaining = deadline - _monotonic()
+    cdef double remaining = deadline - monotonic()
     cdef int err
     if remaining <= 0:
         return 0
@@ -479,7 +453,7 @@ cdef int _send_all(int fd, const unsigned char* data, Py_ssize_t n,
 
 
 cdef int _flush_pipe(Direction* d, Py_ssize_t n, double deadline) except -1 nogil:
-    """Move the n bytes sitting in d's pipe to d.dst before deadline (the splice twin of _send_all)."""
+    """Move the n bytes in d's pipe to d.dst before deadline (the splice twin of _send_all)."""
     cdef Py_ssize_t k
     cdef int err
     while n > 0:
@@ -500,7 +474,7 @@ cdef int _flush_pipe(Direction* d, Py_ssize_t n, double deadline) except -1 nogi
 
 
 cdef int _make_nonblocking(int fd) noexcept nogil:
-    """Set O_NONBLOCK on fd; the flags to restore afterwards, -1 if nothing to restore, -2 on failure."""
+    """Set O_NONBLOCK on fd: the flags to restore later, -1 if nothing to restore, -2 on failure."""
     cdef int flags = fcntl(fd, F_GETFL)
     if flags < 0:
         return -2
@@ -572,7 +546,8 @@ cdef int _pump(Relay* r, Direction* d, pollfd* pfd, double* now) except -1 nogil
 
     while True:
         if d.pipe_size:
-            n = splice_fd(d.src, NULL, d.pipe_w, NULL, d.pipe_size, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice_fd(d.src, NULL, d.pipe_w, NULL, d.pipe_size,
+                          SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         else:
             n = recv(d.src, r.buf, C_BUFFER_SIZE, MSG_DONTWAIT)
         if n >= 0:
@@ -616,7 +591,7 @@ cdef int _pump(Relay* r, Direction* d, pollfd* pfd, double* now) except -1 nogil
         sent = _flush_pipe(d, n, now[0] + r.idle_timeout)
     else:
         sent = _send_all(d.dst, r.buf, n, now[0] + r.idle_timeout)
-    now[0] = _monotonic()
+    now[0] = monotonic()
     if sent == SEND_BROKEN:
         # The destination is gone: both directions are over.
         d.state = FAILED
@@ -633,7 +608,7 @@ cdef int _pump(Relay* r, Direction* d, pollfd* pfd, double* now) except -1 nogil
 cdef int _relay_loop(Relay* r) except -1 nogil:
     """The relay proper: runs without the GIL until both directions end, a timeout or an error."""
     cdef pollfd fds[2]
-    cdef double now = _monotonic(), deadline, wait
+    cdef double now = monotonic(), deadline, wait
     cdef double last_up = now, last_any = now
     cdef RelayEnd on_timeout
     cdef int ready, err
@@ -661,9 +636,9 @@ cdef int _relay_loop(Relay* r) except -1 nogil:
                     r.os_error = err
                     return 0
                 _check_signals()
-                now = _monotonic()
+                now = monotonic()
                 continue
-        now = _monotonic()
+        now = monotonic()
         if ready == 0:
             if now >= deadline:
                 r.end = on_timeout
@@ -728,7 +703,7 @@ def relay(client, server, double server_timeout, double idle_timeout, splice=Non
                      pipe_size=0, copy_only=False, last_read=0)
     r.down = Direction(src=sfd, dst=cfd, state=OPEN, nbytes=0, pipe_r=-1, pipe_w=-1,
                        pipe_size=0, copy_only=False, last_read=0)
-    r.mode = SPLICE_AUTO if splice is None else SPLICE_ALWAYS if splice else SPLICE_NEVER
+    r.mode = <SpliceMode><int>splice_mode(splice)
     r.server_timeout = server_timeout
     r.idle_timeout = idle_timeout
     r.end = END_DONE

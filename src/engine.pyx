@@ -1,64 +1,23 @@
 # cython: language_level=3, embedsignature=True
 """Compiled twin of the relay engine: one epoll loop, without the GIL, relaying many connections.
 
-Built from ``src/engine.pyx`` into ``fastlb._engine``.  It has the public API
-of ``fastlb._engine_py`` -- the readable specification -- and makes the same
-decisions in the same states (WAIT, PARKED, CONNECTING, RELAYING, LINGER);
-``tests/test_engine.py`` runs every engine test on both.  Nothing but
-``fastlb.bridge`` imports either twin.
-
-Who runs where:
-
-- ``Engine.run`` runs in one worker thread and never holds the GIL while it
-  waits or moves bytes.  It takes the GIL once at the end of a loop turn that
-  needs it (``_settle``): to pick up newly added connections, to call the
-  router (``finished`` for every connection that ended in the turn, then
-  ``choose``/``connect_failed`` for every one that waits for a backend), and to
-  release the Python objects finished connections held.  One acquisition per
-  batch rather than per connection: with several engines and the accept loop
-  on two cores, each contended acquisition costs futex calls and a context
-  switch, which measured as most of the CPU spent per new connection.
-- ``accept_batch`` runs in the thread that accepts (the main thread): it waits
-  and accepts without the GIL and returns whole batches, so the accept loop
-  takes the GIL once per batch, not once per system call.
-- Any thread holding the GIL may call ``add``, ``wake``, ``stop`` and
-  ``set_timeouts``.  ``add`` appends to a Python list and ``wake``/``stop`` set
-  flags; all three write the eventfd only when no wake-up is pending yet.  The
-  loop swaps the list and reads the flags with the GIL held, so the GIL is the
-  lock for the hand-off.  ``added`` is written only under the GIL by adders,
-  ``closed`` only by the loop thread; ``active`` is their difference.
-
-Who owns which descriptor:
-
-- A client descriptor belongs to the engine from ``add`` on (``detach()``
-  leaves the socket object without one).  Until the loop picks it up it sits in
-  the hand-off list; afterwards in a ``Conn``.  The backend descriptor and the
-  splice pipes are created by the loop.  The loop closes all of them in
-  ``_close``, exactly once, after removing them from epoll.  ``run`` closes
-  every connection still open or still queued when it returns, then the epoll
-  descriptor and the eventfd; an ``add`` after that closes the descriptor
-  itself.
-
-Per connection: a ``Conn`` struct, malloc'ed when the loop picks the
-connection up, on a doubly linked list of live connections (scanned every
-``TICK`` for deadlines); epoll's data word is the ``Conn`` pointer with the low
-bit saying which side.  A closed ``Conn`` moves to a dead list and is freed only
-after the current batch of events, so a stale event in the same batch finds it
-marked closed instead of freed.  Python objects (addr, ticket, the backend
-token, the list of tried backends, the source from an accepted PROXY header)
-are strong references in the struct,
-released when the connection is reported to ``router.finished`` -- which every
-connection is, once, at the end of the loop iteration that ended it.
+Built into ``fastlb._engine``; the public API and the decisions are those of
+``fastlb._engine_py``, and the design both follow is in ``docs/design.md``
+("The relay engine", "The GIL is taken per batch").  Local to this twin: the
+``Conn`` struct and its lists (live, dead, parked, routes, reports), the
+eventfd hand-off guarded by the GIL, one GIL section per loop turn
+(``_settle``), splice pipes against the process's pipe budget, and the
+C-level PROXY codec of ``src/proxy_header.pxd``.
 """
 
-import errno as _errno
 import socket as _socket
 
+from fastlb._twin_common import connect_reason, splice_mode
 from fastlb.failsafe import INTERNAL_ERRORS
 
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, ECONNREFUSED, EINPROGRESS, EINTR, EINVAL,
-                         EISCONN, ENOSYS, ETIMEDOUT, errno)
+from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, EINPROGRESS, EINTR, EINVAL, EISCONN,
+                         ENOSYS, errno)
 from libc.math cimport ceil
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
@@ -79,11 +38,11 @@ from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
                            proxy_parse)
 from sigpipe cimport block_sigpipe, unblock_sigpipe
 from splice_pipe cimport open_splice_pipe
-from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC,
-                          SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect, getpeername,
-                          getsockname, getsockopt, recv, send, setsockopt, shutdown, sockaddr,
-                          sockaddr_storage, socket, socklen_t)
-from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR,
+                          SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect,
+                          getpeername, getsockname, getsockopt, recv, send, setsockopt, shutdown,
+                          sockaddr, sockaddr_storage, socket, socklen_t)
+from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
 from libc_unistd cimport close
 
 cdef enum:
@@ -137,6 +96,12 @@ cdef double C_ROUTE_WAIT = 0.25
 # the client's unread request cannot turn our close into a RST.
 cdef double C_LINGER_SECONDS = 1.0
 
+__all__ = [
+    "ACCEPT_BATCH", "BUFFER_LIMIT", "LINGER_BYTES", "LINGER_SECONDS", "READ_SIZE", "REPLAY_LIMIT",
+    "RESPONSE_500", "ROUTE_WAIT", "TICK", "Engine", "accept_batch", "pipes_in_use",
+    "set_pipe_budget",
+]
+
 REPLAY_LIMIT = C_REPLAY_LIMIT
 TICK = C_TICK
 ROUTE_WAIT = C_ROUTE_WAIT
@@ -172,11 +137,6 @@ cdef enum End:
 
 _END_NAMES = ("", "done", "client_timeout", "client_closed", "client_error", "server_error",
               "server_timeout", "idle_timeout", "no_backend", "bad_proxy_header")
-
-cdef enum SpliceMode:
-    SPLICE_AUTO
-    SPLICE_ALWAYS
-    SPLICE_NEVER
 
 cdef enum Route:
     ROUTE_PARK
@@ -277,12 +237,6 @@ cdef struct Conn:
     PyObject* token
     PyObject* tried
     PyObject* source        # (ip, port) from the accepted header, made when first routed
-
-
-cdef inline double _monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef inline object _obj(PyObject* p):
@@ -548,7 +502,7 @@ def accept_batch(listener, waker, int limit=C_ACCEPT_BATCH):
 
 
 cdef object _sockaddr_tuple(sockaddr_storage* addr):
-    """The peer address as the socket module gives it: (ip, port) or (ip, port, flowinfo, scope_id)."""
+    """The peer address as Python's socket gives it: (ip, port[, flowinfo, scope_id])."""
     cdef char text[INET6_ADDRSTRLEN]
     cdef sockaddr_in* sin = <sockaddr_in*>addr
     cdef sockaddr_in6* sin6 = <sockaddr_in6*>addr
@@ -596,7 +550,7 @@ cdef object _fill_sockaddr(sockaddr_storage* peer, socklen_t* length, family, ip
 
 
 cdef bint _put_address(sockaddr_storage* peer, int family, bytes host):
-    """Parse the numeric address host of that family into peer (address and family); False if it is not one."""
+    """Parse the numeric address ``host`` of ``family`` into peer; False if it is not one."""
     if family == AF_INET and inet_pton(AF_INET, host, &(<sockaddr_in*>peer).sin_addr) == 1:
         (<sockaddr_in*>peer).sin_family = AF_INET
         return True
@@ -604,14 +558,6 @@ cdef bint _put_address(sockaddr_storage* peer, int family, bytes host):
         (<sockaddr_in6*>peer).sin6_family = AF_INET6
         return True
     return False
-
-
-def _connect_reason(int code):
-    if code == ECONNREFUSED:
-        return "connection refused"
-    if code == ETIMEDOUT:
-        return "connect timeout"
-    return "connect failed: %s" % _errno.errorcode.get(code, str(code))
 
 
 cdef class Engine:
@@ -673,7 +619,7 @@ cdef class Engine:
         self.idle_timeout = idle_timeout
         self.client_timeout = client_timeout
         self.connect_timeout = connect_timeout
-        self.splice_mode = SPLICE_AUTO if splice is None else SPLICE_ALWAYS if splice else SPLICE_NEVER
+        self.splice_mode = <SpliceMode><int>splice_mode(splice)
         self.accept_proxy = accept_proxy
         if retry_on_empty not in _RETRY_POLICIES:
             raise ValueError("retry_on_empty must be never, idempotent or always")
@@ -784,7 +730,7 @@ cdef class Engine:
     # -- the loop --------------------------------------------------------------
 
     def run(self):
-        """Relay until ``stop()`` was called and every connection has finished; then close everything."""
+        """Relay until ``stop()`` was called and every connection finished; then close it all."""
         if self.running or self.finished:
             raise RuntimeError("this engine is already running or has run")
         self.running = True
@@ -806,7 +752,7 @@ cdef class Engine:
         cdef Conn* c
         cdef bint woken, done
         cdef double next_tick
-        self.now = _monotonic()
+        self.now = monotonic()
         next_tick = self.now + C_TICK
         while True:
             if self.stopping and self.live == NULL:
@@ -822,7 +768,7 @@ cdef class Engine:
                     with gil:
                         raise OSError(err, strerror(err).decode())
                 n = 0
-            self.now = _monotonic()
+            self.now = monotonic()
             woken = False
             for i in range(n):
                 data = events[i].data.u64
@@ -832,7 +778,7 @@ cdef class Engine:
                 c = <Conn*><uintptr_t>(data & ~(<uint64_t>SIDE_SERVER))
                 if c.state != ST_CLOSED:
                     self._on_event(c, (data & SIDE_SERVER) == 0, events[i].events)
-            self.now = _monotonic()
+            self.now = monotonic()
             if self.now >= next_tick:
                 next_tick = self.now + C_TICK
                 self._check_deadlines()
@@ -1095,7 +1041,7 @@ cdef class Engine:
         return 0
 
     cdef int _route_all(self) except -1:
-        """With the GIL: ask the router about every queued connection; move each to the decided list."""
+        """With the GIL: route every queued connection through the router onto the decided list."""
         cdef Conn* c
         while self.routes_head != NULL:
             c = self.routes_head
@@ -1172,7 +1118,7 @@ cdef class Engine:
         if failed == FAILED_TIMEOUT:
             reason = "connect timeout (%gs)" % self.connect_timeout
         elif failed != FAILED_NOTHING:
-            reason = _connect_reason(failed)
+            reason = connect_reason(failed)
         if drop_ticket:
             _clear(&c.ticket)
         if c.route_replay != REPLAY_NONE:
@@ -1311,7 +1257,7 @@ cdef class Engine:
         return 0
 
     cdef End _send_proxy_header(self, Conn* c) noexcept nogil:
-        """Send the backend its PROXY header: the accepted header's addresses, else the connection's own.
+        """Send the backend its PROXY header: accepted addresses if any, else the connection's own.
 
         Before any client byte; what the socket does not take waits in the
         up direction's buffer, where the client's bytes queue behind it.
@@ -1504,7 +1450,7 @@ cdef class Engine:
         return END_NONE
 
     cdef void _update(self, Conn* c) noexcept nogil:
-        """Pass on finished directions, recompute interests and the deadline; end when both are done."""
+        """Pass on finished directions, recompute interests and deadline; end when both are done."""
         cdef int client_mask, server_mask
         cdef bint up_done, down_done
         if (c.down.eof and c.down.nbytes == 0 and c.failed == END_NONE
@@ -1575,7 +1521,7 @@ cdef class Engine:
     # -- endings ---------------------------------------------------------------
 
     cdef void _finish(self, Conn* c, End end) noexcept nogil:
-        """The relay is over: report it, and answer 500 if the backend failed before its first byte."""
+        """The relay is over: report it; answer 500 if the backend failed before its first byte."""
         if end == END_SERVER_ERROR and self._replay(c, REPLAY_RESET):
             return
         if c.down.nbytes == 0 and (end == END_SERVER_TIMEOUT or end == END_SERVER_ERROR):
@@ -1589,7 +1535,7 @@ cdef class Engine:
         self._close(c, end)
 
     cdef bint _replay(self, Conn* c, int why) noexcept nogil:
-        """The backend ended before its first answer byte: replay the client's bytes on the next one.
+        """The backend ended before its first answer byte: replay the client's bytes on another.
 
         As in the Python twin: only while the copy is whole and, with
         --retry-on-empty idempotent, starts with an idempotent method.  The
@@ -1619,7 +1565,7 @@ cdef class Engine:
         return True
 
     cdef bint _deliver_what_is_owed(self, Conn* c, End end) noexcept nogil:
-        """One side failed (a reset, say): write what was read from it to the other side before closing.
+        """One side failed (a reset, say): write what was read from it to the other, then close.
 
         As in the Python twin: the failed side's direction is dropped and no
         longer read; the surviving one drains, and _update ends the relay with
@@ -1667,7 +1613,7 @@ cdef class Engine:
         c.reported = True
         c.report_end = end
         c.report_status = status
-        c.report_duration = _monotonic() - c.accepted
+        c.report_duration = monotonic() - c.accepted
         c.report_next = NULL
         if self.reports_tail == NULL:
             self.reports_head = c
@@ -1690,7 +1636,8 @@ cdef class Engine:
         c.header_len = 0
         _drop_copy(c)
         if end != END_NONE:
-            self._queue_report(c, end, c.answered if c.answered else (c.status if c.status > 0 else 0))
+            self._queue_report(c, end,
+                               c.answered if c.answered else (c.status if c.status > 0 else 0))
         elif c.answered:
             self._queue_report(c, END_NO_BACKEND, c.answered)
         self._unpark_one(c)
@@ -1707,7 +1654,7 @@ cdef class Engine:
         self.n_closed += 1
 
     cdef int _report_all(self) except -1:
-        """With the GIL: call router.finished for every queued connection, then drop its references."""
+        """With the GIL: router.finished for every queued connection, then drop its references."""
         cdef Conn* c
         error = None
         while self.reports_head != NULL:
@@ -1748,9 +1695,9 @@ cdef class Engine:
             free(c)
 
     cdef void _shutdown(self) except *:
-        """With the GIL, as run() returns: close every connection and descriptor left; report them."""
+        """With the GIL, as run() returns: close every connection and descriptor left, reporting."""
         cdef Conn* c
-        self.now = _monotonic()
+        self.now = monotonic()
         while self.live != NULL:
             self._close(self.live, END_CLIENT_ERROR)
         # Picked up from the hand-off but not set up (the loop raised meanwhile).
@@ -1776,11 +1723,11 @@ cdef class Engine:
             self._report_all()
         finally:
             self._free_dead()
-            for fd, addr, _ in queued:
+            for fd, _, _ in queued:
                 _close_fd(fd)
                 self.n_closed += 1
             try:
-                for fd, addr, _ in queued:
+                for _, addr, _ in queued:
                     self.router.finished(None, addr, 0, 0, 0, "client_error", 0.0)
             finally:
                 _close_fd(self.wakefd)

@@ -1,4 +1,4 @@
-# Declarations from <fcntl.h> used by src/bridge.pyx.  splice() and the pipe
+# Declarations from <fcntl.h> used by the compiled twins (src/*.pyx).  splice() and the pipe
 # size commands are Linux extensions; Python.h defines _GNU_SOURCE, which
 # exposes them.
 

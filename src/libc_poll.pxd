@@ -1,4 +1,4 @@
-# Declarations from <poll.h> used by src/bridge.pyx and src/engine.pyx.
+# Declarations from <poll.h> used by the compiled twins (src/*.pyx).
 
 cdef extern from "poll.h" nogil:
     ctypedef unsigned long nfds_t

@@ -1,4 +1,4 @@
-# Declarations from <signal.h> used by src/bridge.pyx.
+# Declarations from <signal.h> used by the compiled twins (src/*.pyx).
 
 from libc_time cimport timespec
 

@@ -1,4 +1,4 @@
-# Declarations from <sys/socket.h> used by src/bridge.pyx.
+# Declarations from <sys/socket.h> used by the compiled twins (src/*.pyx).
 
 cdef extern from "sys/socket.h" nogil:
     enum:

@@ -1,4 +1,4 @@
-# Declarations from <time.h> used by src/bridge.pyx.
+# Declarations from <time.h> used by the compiled twins (src/*.pyx).
 
 cdef extern from "time.h" nogil:
     ctypedef long time_t

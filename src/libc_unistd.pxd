@@ -1,4 +1,4 @@
-# Declarations from <unistd.h> used by src/bridge.pyx (pipe2 is a Linux
+# Declarations from <unistd.h> used by the compiled twins (src/*.pyx) (pipe2 is a Linux
 # extension exposed by _GNU_SOURCE, which Python.h defines).
 
 cdef extern from "unistd.h" nogil:

@@ -52,7 +52,8 @@ cdef inline Py_ssize_t _proxy_address_len(int family) noexcept nogil:
     return 4 if family == AF_INET else 16
 
 
-cdef inline bint _proxy_v1_endpoint(int family, const unsigned char* address, Py_ssize_t address_len,
+cdef inline bint _proxy_v1_endpoint(int family,
+                                    const unsigned char* address, Py_ssize_t address_len,
                                     const unsigned char* port, Py_ssize_t port_len,
                                     unsigned char* packed, unsigned short* port_out) noexcept nogil:
     """Parse one v1 address (inet_pton of the line's family) and its port (1-5 digits, <= 65535)."""
@@ -123,7 +124,8 @@ cdef inline Py_ssize_t _proxy_parse_v1(const unsigned char* data, Py_ssize_t n, 
     if stops[0] - f[0] == 7 and memcmp(data + 6, b"UNKNOWN", 7) == 0:
         out.family = 0  # whatever follows UNKNOWN is ignored
         return cr + 2
-    if stops[0] - f[0] != 4 or memcmp(data + 6, b"TCP", 3) != 0 or (data[9] != 0x34 and data[9] != 0x36):
+    if (stops[0] - f[0] != 4 or memcmp(data + 6, b"TCP", 3) != 0
+            or (data[9] != 0x34 and data[9] != 0x36)):
         error[0] = PROXY_V1_MALFORMED
         return -1
     out.family = AF_INET if data[9] == 0x34 else AF_INET6
@@ -192,7 +194,7 @@ cdef inline Py_ssize_t _proxy_parse_v2(const unsigned char* data, Py_ssize_t n, 
 
 cdef inline Py_ssize_t proxy_parse(const unsigned char* data, Py_ssize_t n, ProxyAddresses* out,
                                    int* error) noexcept nogil:
-    """Parse the PROXY header at the start of data[:n]: its length (> 0), 0 if more bytes are needed, -1 if invalid.
+    """Parse the PROXY header at the start of data[:n]: its length, 0 if incomplete, -1 if invalid.
 
     On success ``out`` holds the announced endpoints (family 0: use the real
     ones); on -1 ``error`` holds a ProxyError.  Only the first 107 bytes are
@@ -245,11 +247,12 @@ cdef inline Py_ssize_t _proxy_put_port(unsigned char* out, unsigned short port) 
     return n
 
 
-cdef inline Py_ssize_t proxy_build(unsigned char* out, int version, const ProxyAddresses* a) noexcept nogil:
-    """Write the version 1 or 2 header announcing ``a`` into out[:PROXY_BUILD_MAX]; its length, -1 for another version.
+cdef inline Py_ssize_t proxy_build(unsigned char* out, int version,
+                                   const ProxyAddresses* a) noexcept nogil:
+    """Write the v1 or v2 header announcing ``a`` into out; its length, -1 for another version.
 
-    Family 0 gives v1 ``PROXY UNKNOWN`` or v2 LOCAL.  Addresses are printed
-    with inet_ntop, so v1 text is canonical.
+    ``out`` holds PROXY_BUILD_MAX bytes.  Family 0 gives v1 ``PROXY UNKNOWN``
+    or v2 LOCAL.  Addresses are printed with inet_ntop, so v1 text is canonical.
     """
     cdef char text[INET6_ADDRSTRLEN]
     cdef Py_ssize_t size, n
@@ -321,7 +324,10 @@ cdef inline unsigned short _proxy_net_port(const unsigned char* port) noexcept n
 
 cdef inline bint proxy_addresses_from_sockaddrs(ProxyAddresses* out, const sockaddr_storage* src,
                                                 const sockaddr_storage* dst) noexcept nogil:
-    """Fill ``out`` from a client's peer (src) and local (dst) address; False, with family 0, unless both are IP."""
+    """Fill ``out`` from a client's peer (src) and local (dst) address; False unless both are IP.
+
+    On False ``out`` has family 0.
+    """
     cdef const sockaddr_storage* ends[2]
     cdef unsigned char* addresses[2]
     cdef unsigned short* ports[2]
@@ -336,13 +342,14 @@ cdef inline bint proxy_addresses_from_sockaddrs(ProxyAddresses* out, const socka
     for i in range(2):
         if ends[i].ss_family == AF_INET:
             memcpy(addresses[i], &(<const sockaddr_in*>ends[i]).sin_addr, 4)
-            ports[i][0] = _proxy_net_port(<const unsigned char*>&(<const sockaddr_in*>ends[i]).sin_port)
+            ports[i][0] = _proxy_net_port(
+                <const unsigned char*>&(<const sockaddr_in*>ends[i]).sin_port)
         else:
             memcpy(addresses[i], &(<const sockaddr_in6*>ends[i]).sin6_addr, 16)
-            ports[i][0] = _proxy_net_port(<const unsigned char*>&(<const sockaddr_in6*>ends[i]).sin6_port)
+            ports[i][0] = _proxy_net_port(
+                <const unsigned char*>&(<const sockaddr_in6*>ends[i]).sin6_port)
     _proxy_map_mixed(out, src.ss_family, dst.ss_family)
     return True
-
 
 
 # -- with the GIL: Python values ----------------------------------------------

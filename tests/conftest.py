@@ -5,7 +5,6 @@ Every network wait here has a deadline; nothing sleeps where polling works.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import signal
@@ -16,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from faults import FaultServer
+
+from fastlb.bridge import NO_EXTENSIONS, Twin
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(rb"listening on [^:\s]+:(\d+)")
@@ -31,34 +31,54 @@ def child_env(extra=None) -> dict:
     return env
 
 
-def _twins():
-    twins = [pytest.param("python", id="python")]
-    twins.append(pytest.param("cython", id="cython"))
-    return twins
+def pytest_addoption(parser):
+    parser.addoption("--twin", choices=("both", "python", "cython"), default="both",
+                     help="run the tests that run on both twins on this one only")
 
 
-@pytest.fixture(params=_twins())
-def bridge_impl(request):
-    """The hot-path module under test: each test using it runs once per twin.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "twin(name): run this test on one twin only "
+                                       "('python' or 'cython')")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the twin runs that --twin or a test's twin marker leave out."""
+    wanted = config.getoption("--twin")
+    kept, dropped = [], []
+    for item in items:
+        name = item.callspec.params.get("twin") if hasattr(item, "callspec") else None
+        marker = item.get_closest_marker("twin")
+        if name and (wanted not in ("both", name) or (marker and marker.args[0] != name)):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(params=["python", "cython"])
+def twin(request) -> Twin:
+    """The hot path under test: every test using it (or a fixture below) runs once per twin.
 
     The compiled twin is required unless FASTLB_NO_EXTENSIONS is set; a
     missing build then fails here rather than silently testing Python twice.
     """
-    if request.param == "python":
-        return importlib.import_module("fastlb._bridge_py")
-    if os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
+    if request.param == "cython" and NO_EXTENSIONS:
         pytest.skip("FASTLB_NO_EXTENSIONS is set: the compiled twin is not under test")
-    return importlib.import_module("fastlb._bridge")
+    return Twin(request.param)
 
 
-@pytest.fixture(params=_twins())
-def engine_impl(request):
-    """The relay-engine module under test: each test using it runs once per twin."""
-    if request.param == "python":
-        return importlib.import_module("fastlb._engine_py")
-    if os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
-        pytest.skip("FASTLB_NO_EXTENSIONS is set: the compiled twin is not under test")
-    return importlib.import_module("fastlb._engine")
+@pytest.fixture
+def bridge_impl(twin):
+    """The relay-and-parsers module of the twin under test."""
+    return twin.bridge
+
+
+@pytest.fixture
+def engine_impl(twin):
+    """The relay-engine module of the twin under test."""
+    return twin.engine
 
 
 def free_port() -> int:
@@ -133,16 +153,14 @@ class Proc:
         self._log.close()
 
 
-@pytest.fixture(params=_twins())
-def procs(request, tmp_path):
+@pytest.fixture
+def procs(twin, tmp_path):
     """Start processes that are killed (by PID, ours only) when the test ends.
 
     Every end-to-end test runs twice: fastlb on the compiled twins, then with
     FASTLB_NO_EXTENSIONS=1 on the pure-Python ones.
     """
-    if request.param == "cython" and os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
-        pytest.skip("FASTLB_NO_EXTENSIONS is set: the compiled twin is not under test")
-    twin_env = {"FASTLB_NO_EXTENSIONS": "1" if request.param == "python" else ""}
+    twin_env = twin.env
     started: list[Proc] = []
 
     class Factory:

@@ -664,14 +664,14 @@ def test_a_trickling_body_is_cut_when_it_falls_below_the_minimum_rate(start_back
 
 
 def test_a_client_beyond_the_cap_is_served_once_idle_ones_time_out(start_backend):
-    backend = start_backend("--max-connections", "2", "--timeout", "2")
+    backend = start_backend("--max-connections", "2", "--timeout", "4")
     with contextlib.ExitStack() as stack:
         idle = [stack.enter_context(backend.connect()) for _ in range(2)]
         with backend.connect() as client, client.makefile("rb") as reader:
             client.sendall(b"GET /hello.txt HTTP/1.1\r\nHost: t\r\n\r\n")
             wait_until(lambda: accept_queue(backend.port) == 1,
                        message="the client to wait in the backlog behind two idle connections")
-            assert read_response(reader)[::2] == (200, b"hello\n")  # within TIMEOUT, after about 2 s
+            assert read_response(reader)[::2] == (200, b"hello\n")  # within TIMEOUT, after about 4 s
         for sock in idle:
             assert closed_by_peer(sock)
     assert "Traceback" not in backend.stderr()

@@ -9,7 +9,6 @@ are written to the test's directory.  Every wait polls until a deadline.
 from __future__ import annotations
 
 import json
-import re
 import socket
 import sys
 import time

@@ -26,10 +26,14 @@ def test_defaults_match_spec():
 
 
 def test_bare_port_means_localhost_and_host_port_is_resolved():
+    from fastlb.discovery import Discovery
+
     config = parse_config(["1234", "8080", "localhost:8081", "[::1]:8082"])
-    first, second, third = config.backends
+    first, second, third = Discovery().expand(config.backends)
     assert (first.host, first.ip, first.port) == ("127.0.0.1", "127.0.0.1", 8080)
-    assert (second.host, second.port) == ("localhost", 8081) and second.ip
+    # A name stands for its addresses (IPv4 first): one backend each, named by both.
+    assert (second.host, second.port, second.ip) == ("localhost", 8081, "127.0.0.1")
+    assert second.name == "localhost:8081@127.0.0.1"
     assert (third.host, third.ip, third.port) == ("::1", "::1", 8082)
 
 
@@ -69,7 +73,8 @@ def test_same_backend_twice_is_accepted():
         (["--check", "tcp", "--check-send", r"\q", "1234", "8080"], "unknown escape"),
         (["--send-proxy", "v3", "1234", "8080"], "PROXY protocol version must be"),
         (["-N"], "expected one argument"),
-        (["1234", "no-such-host.invalid:80"], "cannot resolve"),
+        (["--resolve-interval", "0", "1234", "no-such-host.invalid:80"], "cannot resolve"),
+        (["--resolvers", "dns.example", "1234", "8080"], "a resolver is an IP address"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_reason_and_usage(argv, reason):
@@ -130,3 +135,16 @@ def test_a_backend_with_a_check_kind_of_its_own_does_not_inherit_the_global_exch
     redis, web = parse_config(["--config", str(config)]).backends
     assert (redis.check.kind, redis.check.send, redis.check.expect) == ("tcp", b"PING\r\n", b"+PONG")
     assert (web.check.kind, web.check.path, web.check.send, web.check.expect) == ("http", "/health", b"", b"")
+
+
+def test_config_has_exactly_one_field_per_setting_with_its_default():
+    import dataclasses
+
+    from fastlb.settings import Config
+
+    fields = dataclasses.fields(Config)
+    assert [f.name for f in fields[:2]] == ["port", "backends"]
+    assert [f.name for f in fields[2:]] == [s.name for s in SETTINGS]
+    for field, setting in zip(fields[2:], SETTINGS):
+        assert field.default == setting.default and type(field.default) is type(setting.default), \
+            setting.name

@@ -7,7 +7,6 @@ real sockets on 127.0.0.1 and a small router over real listening backends.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import resource
 import socket
@@ -16,11 +15,10 @@ import threading
 import time
 
 import pytest
-
-from conftest import ROOT, recv_all, wait_until
+from conftest import recv_all, wait_until
 from faults import FaultServer
 
-NO_EXTENSIONS = os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0")
+from fastlb.bridge import NO_EXTENSIONS, Twin
 
 
 class Router:
@@ -348,8 +346,7 @@ ENGINE_CONSTANTS = ("TICK", "ROUTE_WAIT", "LINGER_SECONDS", "LINGER_BYTES", "RES
 
 @pytest.mark.skipif(NO_EXTENSIONS, reason="FASTLB_NO_EXTENSIONS is set: no compiled twin")
 def test_both_engine_twins_offer_the_same_api_and_constants():
-    python = importlib.import_module("fastlb._engine_py")
-    compiled = importlib.import_module("fastlb._engine")
+    python, compiled = Twin("python").engine, Twin("cython").engine
     for name in ENGINE_CONSTANTS:
         assert getattr(compiled, name) == getattr(python, name), name
     assert compiled.READ_SIZE >= python.READ_SIZE
@@ -359,15 +356,6 @@ def test_both_engine_twins_offer_the_same_api_and_constants():
     assert compiled.ACCEPT_BATCH == python.ACCEPT_BATCH
     assert callable(compiled.accept_batch) and callable(python.accept_batch)
     assert compiled.RESPONSE_500 == b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"
-
-
-def test_engine_stub_declares_the_compiled_names():
-    stub = (ROOT / "fastlb" / "_engine.pyi").read_text()
-    namespace: dict = {}
-    exec(compile(stub, "_engine.pyi", "exec"), namespace)
-    for name in ENGINE_CONSTANTS + ("READ_SIZE", "BUFFER_LIMIT", "ACCEPT_BATCH", "Engine",
-                                    "accept_batch"):
-        assert name in namespace or name in namespace.get("__annotations__", {}), name
 
 
 # -- accept_batch: the accept loop's half --------------------------------------------
@@ -416,10 +404,11 @@ def test_accept_batch_takes_waiting_clients_with_their_addresses(engine_impl, fa
         # The address is what socket.accept gives: the client's own address.
         assert sorted(addr for _, addr in got) == sorted(c.getsockname() for c in clients)
         for client, _ in got:
-            if isinstance(client, int):   # compiled: a non-blocking, close-on-exec descriptor
-                import fcntl
-                assert fcntl.fcntl(client, fcntl.F_GETFL) & os.O_NONBLOCK
-                assert fcntl.fcntl(client, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            # Both twins: a non-blocking, close-on-exec descriptor.
+            import fcntl
+            assert isinstance(client, int)
+            assert fcntl.fcntl(client, fcntl.F_GETFL) & os.O_NONBLOCK
+            assert fcntl.fcntl(client, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
             _close_client(client)
     finally:
         for sock in clients + [listener, waker, waker_w]:

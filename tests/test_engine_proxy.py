@@ -22,7 +22,7 @@ import pytest
 
 from conftest import recv_all, wait_until
 from faults import refused_port
-from fastlb._bridge_py import parse_proxy_header
+from fastlb.bridge import parse_proxy_header
 
 CLIENT_HOST = "127.0.0.2"    # the test client looks like another host
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"

@@ -184,14 +184,17 @@ def test_a_round_is_not_over_while_a_probe_started_in_it_still_runs(faults):
     # A round waits for a probe up to round_wait (the engines' 0.25 s by
     # default, shorter than this slow probe; see the hung-probe test below).
     checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0, round_wait=5.0)
-    trigger, _ = pool.count_accept()
-    assert trigger
-    pool.trigger_closed(1)              # the triggering client has gone: the next one waits
-    checker.start_round(load_only=True)
-    assert not pool.round_applied(1)    # the slow backend's probe is still running
-    deadline = time.monotonic() + 5
-    while not pool.round_applied(1) and time.monotonic() < deadline:
-        checker._step(deadline)
+    try:
+        trigger, _ = pool.count_accept()
+        assert trigger
+        pool.trigger_closed(1)              # the triggering client has gone: the next one waits
+        checker.start_round(load_only=True)
+        assert not pool.round_applied(1)    # the slow backend's probe is still running
+        deadline = time.monotonic() + 5
+        while not pool.round_applied(1) and time.monotonic() < deadline:
+            checker._step(deadline)
+    finally:
+        checker.close()
     assert pool.round_applied(1)
     assert [b.state for b in pool.backends] == ["down", "up"]
 
@@ -207,18 +210,21 @@ def test_a_round_that_finds_a_probe_running_waits_for_one_started_after_it(fault
     slow = faults(probe=DELAY, delay=0.3)
     pool = BackendPool([Address("127.0.0.1", slow.port, "127.0.0.1")], requests_per_round=1)
     checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0, round_wait=5.0)
-    for ticket in (1, 2):
-        assert pool.count_accept()[0]
-        pool.trigger_closed(ticket)
-        checker.start_round(load_only=True)
-    deadline = time.monotonic() + 5
-    while not pool.round_applied(1) and time.monotonic() < deadline:
-        checker._step(deadline)
-    # The first answer ends round 1 only; the follow-up probe (it may already
-    # have reached the backend) is what round 2 waits for.
-    assert pool.round_applied(1) and not pool.round_applied(2)
-    while not pool.round_applied(2) and time.monotonic() < deadline:
-        checker._step(deadline)
+    try:
+        for ticket in (1, 2):
+            assert pool.count_accept()[0]
+            pool.trigger_closed(ticket)
+            checker.start_round(load_only=True)
+        deadline = time.monotonic() + 5
+        while not pool.round_applied(1) and time.monotonic() < deadline:
+            checker._step(deadline)
+        # The first answer ends round 1 only; the follow-up probe (it may already
+        # have reached the backend) is what round 2 waits for.
+        assert pool.round_applied(1) and not pool.round_applied(2)
+        while not pool.round_applied(2) and time.monotonic() < deadline:
+            checker._step(deadline)
+    finally:
+        checker.close()
     assert pool.round_applied(2)
     assert len(slow.probe_times()) == 2
 
@@ -239,19 +245,22 @@ def test_a_hung_probe_holds_its_round_no_longer_than_traffic_waits_for_it(faults
     pool = BackendPool([Address("127.0.0.1", hung.port, "127.0.0.1"),
                         Address("127.0.0.1", healthy.port, "127.0.0.1")], requests_per_round=1)
     checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
-    deadline = time.monotonic() + 4.0       # before the hung probe's own deadline
-    for ticket in (1, 2):
-        assert pool.count_accept()[0]
-        pool.trigger_closed(ticket)         # the triggering client has gone: the next one waits
-        checker.start_round(load_only=True)
-        while not pool.round_applied(ticket) and time.monotonic() < deadline:
-            checker._step(deadline)
-        assert pool.round_applied(ticket), ticket
-    # Both rounds ended on the healthy backend's answers, without a verdict on
-    # the hung one and without probing it twice at once.
-    assert [b.state for b in pool.backends] == ["unknown", "up"]
-    assert len(hung.probe_times()) == 1 and len(healthy.probe_times()) == 2
-    # The hung probe still ends at its own deadline, and marks its backend down.
-    while pool.backends[0].state != "down" and time.monotonic() < deadline + 3.0:
-        checker._step(deadline + 3.0)
-    assert pool.backends[0].state == "down"
+    try:
+        deadline = time.monotonic() + 4.0       # before the hung probe's own deadline
+        for ticket in (1, 2):
+            assert pool.count_accept()[0]
+            pool.trigger_closed(ticket)         # the triggering client has gone: the next one waits
+            checker.start_round(load_only=True)
+            while not pool.round_applied(ticket) and time.monotonic() < deadline:
+                checker._step(deadline)
+            assert pool.round_applied(ticket), ticket
+        # Both rounds ended on the healthy backend's answers, without a verdict on
+        # the hung one and without probing it twice at once.
+        assert [b.state for b in pool.backends] == ["unknown", "up"]
+        assert len(hung.probe_times()) == 1 and len(healthy.probe_times()) == 2
+        # The hung probe still ends at its own deadline, and marks its backend down.
+        while pool.backends[0].state != "down" and time.monotonic() < deadline + 3.0:
+            checker._step(deadline + 3.0)
+        assert pool.backends[0].state == "down"
+    finally:
+        checker.close()

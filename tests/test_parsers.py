@@ -13,12 +13,12 @@ lift pytest's per-test timeout), for instance::
 
 from __future__ import annotations
 
-import importlib
-import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from fastlb.bridge import NO_EXTENSIONS, Twin
 
 MAX_COUNT = 2**63 - 1
 
@@ -238,12 +238,12 @@ def test_health_answer_limit_is_exact(bridge_impl):
 # -- differential: both twins give the same answer ----------------------------
 
 def _compiled_twin():
-    if os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
+    if NO_EXTENSIONS:
         pytest.skip("FASTLB_NO_EXTENSIONS is set: the compiled twin is not under test")
-    return importlib.import_module("fastlb._bridge")
+    return Twin("cython").bridge
 
 
-PY = importlib.import_module("fastlb._bridge_py")
+PY = Twin("python").bridge
 
 # Bytes the parsers treat specially: line ends, separators, digits, control
 # characters, DEL, high bytes, letters that case-fold.

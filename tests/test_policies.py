@@ -25,7 +25,7 @@ class FakeBackend:
     name: str
     index: int
     state: str = "up"
-    removed: bool = False
+    closed: bool = False
     weight: int = 1
     backup: bool = False
     entries: int = 0
@@ -75,7 +75,7 @@ def test_policy_keeps_its_name():
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_only_up_backends_are_chosen_never_down_unknown_or_removed(name):
-    backends = make(5, state=["down", "up", "unknown", "up", "up"], removed=[False, False, False, True, False])
+    backends = make(5, state=["down", "up", "unknown", "up", "up"], closed=[False, False, False, True, False])
     assert routed(Policy(name, random.Random(1)), backends, everyone=clients(200)) == {1, 4}
 
 
@@ -90,7 +90,7 @@ def test_excluded_backends_are_never_chosen(name):
 def test_no_candidate_left_gives_none(name):
     policy = Policy(name, random.Random(3))
     assert policy.choose([], client="192.0.2.1") is None
-    backends = make(3, state=["down", "unknown", "up"], removed=[False, False, True])
+    backends = make(3, state=["down", "unknown", "up"], closed=[False, False, True])
     assert policy.choose(backends, client="192.0.2.1") is None
     backends = make(2)
     assert policy.choose(backends, exclude=backends, client="192.0.2.1") is None
@@ -123,7 +123,7 @@ def test_a_single_candidate_is_always_chosen(name):
 
 
 def test_candidates_are_the_routable_primaries_in_table_order():
-    backends = make(6, state=["up", "down", "up", "up", "up", "up"], removed=[False] * 5 + [True],
+    backends = make(6, state=["up", "down", "up", "up", "up", "up"], closed=[False] * 5 + [True],
                     backup=[False, False, False, True, False, False])
     assert candidates(backends, exclude=[backends[2]]) == [backends[0], backends[4]]
 
@@ -179,9 +179,9 @@ def test_least_loaded_agrees_with_the_pools_choose_backend():
         fakes = []
         for backend in pool_backends:
             backend.state = rng.choice(["up", "up", "down", "unknown"])
-            backend.removed = rng.random() < 0.1
+            backend.closed = rng.random() < 0.1
             backend.entries, backend.errors = rng.randint(0, 6), rng.randint(0, 2)
-            fakes.append(FakeBackend(backend.name, backend.index, backend.state, backend.removed,
+            fakes.append(FakeBackend(backend.name, backend.index, backend.state, backend.closed,
                                      backend.weight, entries=backend.entries, errors=backend.errors))
         excluded = [i for i in range(count) if rng.random() < 0.2]
         expected = choose_backend(pool_backends, [pool_backends[i] for i in excluded])
@@ -357,7 +357,7 @@ class B:
     index: int
     weight: int
     state: str = "up"
-    removed: bool = False
+    closed: bool = False
     backup: bool = False
 
 backends = [B("10.0.0.%d:80" % (i + 1), i, 1 + i % 3) for i in range(7)]

@@ -16,7 +16,6 @@ variable (and lift pytest's per-test timeout), for instance::
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import os
 import socket
@@ -24,6 +23,8 @@ import socket
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from fastlb.bridge import NO_EXTENSIONS, Twin
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 MAX = 16384
@@ -390,7 +391,7 @@ def test_builder_errors(bridge_impl, version, source, destination, error, reason
 
 # -- properties: both twins agree, round trips, early decisions -------------------------
 
-PY = importlib.import_module("fastlb._bridge_py")
+PY = Twin("python").bridge
 
 # FASTLB_FUZZ_EXAMPLES raises every property's example count (see the docstring).
 FUZZ_EXAMPLES = int(os.environ.get("FASTLB_FUZZ_EXAMPLES", "0") or 0)
@@ -402,9 +403,9 @@ def examples(default: int) -> settings:
 
 
 def _compiled_twin():
-    if os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0"):
+    if NO_EXTENSIONS:
         pytest.skip("FASTLB_NO_EXTENSIONS is set: the compiled twin is not under test")
-    return importlib.import_module("fastlb._bridge")
+    return Twin("cython").bridge
 
 
 def _ntop(family: int, packed: bytes) -> str:

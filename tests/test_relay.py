@@ -34,10 +34,9 @@ TWIN_SPLICE = [
 ]
 
 
-# Tests that move data take ``splice`` through this marker (on top of the
-# bridge_impl fixture from conftest).
-each_splice_mode = pytest.mark.parametrize(("bridge_impl", "splice"), TWIN_SPLICE,
-                                           indirect=["bridge_impl"])
+# Tests that move data take ``splice`` through this marker (the twin fixture
+# from conftest, chosen here together with the splice mode).
+each_splice_mode = pytest.mark.parametrize(("twin", "splice"), TWIN_SPLICE, indirect=["twin"])
 
 
 class Wiring:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import threading
 
-import pytest
 
 from conftest import free_port, http_get, status_of, wait_until
 from faults import FaultServer
@@ -92,5 +91,6 @@ def test_an_engine_whose_loop_dies_is_replaced_and_clients_are_still_served(engi
     finally:
         lb.stop()
         runner.join(15)
+        lb.close()
         backend.stop()
     assert not runner.is_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NO_EXTENSIONS = os.environ.get("FASTLB_NO_EXTENSIONS", "") not in ("", "0")
+from fastlb.bridge import NO_EXTENSIONS
 
 
 def run_python(*args: str, no_extensions: str | None) -> str:
@@ -70,14 +71,49 @@ def test_both_twins_export_the_same_names():
         python.RelayResult(1, 2, "eof", "eof", "done", 200)
 
 
-def test_stub_declares_exactly_the_compiled_names():
-    stub = (ROOT / "fastlb" / "_bridge.pyi").read_text()
-    python = importlib.import_module("fastlb._bridge_py")
-    namespace: dict = {}
-    exec(compile(stub, "_bridge.pyi", "exec"), namespace)
-    assert namespace["__all__"] == python.__all__
+def _parameters(function) -> list:
+    """A callable's parameters as comparable data: name, kind and default (not annotations)."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+def test_both_twins_functions_take_the_same_parameters():
+    for python_name, compiled_name in (("fastlb._bridge_py", "fastlb._bridge"),
+                                       ("fastlb._engine_py", "fastlb._engine")):
+        python = importlib.import_module(python_name)
+        compiled = importlib.import_module(compiled_name)
+        assert compiled.__all__ == python.__all__, python_name
+        for name in python.__all__:
+            ours, theirs = getattr(python, name), getattr(compiled, name)
+            if callable(ours) and not isinstance(ours, type):
+                assert _parameters(theirs) == _parameters(ours), name
+
+
+def test_both_engine_twins_have_the_same_methods_attributes_and_types():
+    python = importlib.import_module("fastlb._engine_py")
+    compiled = importlib.import_module("fastlb._engine")
+    for method in ("add", "wake", "stop", "set_timeouts", "run"):
+        assert _parameters(getattr(compiled.Engine, method)) == \
+            _parameters(getattr(python.Engine, method)), method
+    # The constructor of an extension type has no introspectable signature:
+    # both take the same keywords, and refuse the same unknown one.
+    keywords = dict(router=object(), server_timeout=1.0, idle_timeout=2.0, client_timeout=3.0,
+                    connect_timeout=4.0, splice=None, accept_proxy=False, retry_on_empty="idempotent")
+    engines = [twin.Engine(**keywords) for twin in (python, compiled)]
+    for twin in (python, compiled):
+        with pytest.raises(TypeError):
+            twin.Engine(**keywords, bogus=1)
+    for name in ("router", "server_timeout", "idle_timeout", "client_timeout", "connect_timeout",
+                 "accept_proxy", "retry_on_empty", "active", "pending", "added", "closed"):
+        values = [getattr(engine, name) for engine in engines]
+        assert type(values[0]) is type(values[1]) and values[0] == values[1], (name, values)
+    for engine in engines:
+        # With nothing to relay, run() returns at once and closes what the engine owns.
+        engine.stop()
+        engine.run()
     for name in python.__all__:
-        assert name in namespace or name in namespace.get("__annotations__", {}), name
+        value = getattr(python, name)
+        if not callable(value):
+            assert type(getattr(compiled, name)) is type(value), name
 
 
 @pytest.mark.parametrize("no_extensions, expected", [(None, "cython"), ("1", "python")])
