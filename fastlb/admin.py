@@ -10,6 +10,7 @@ pays nothing, and fastlb keeps no runtime dependency.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import html
 import json
@@ -39,6 +40,10 @@ ADMIN_TIMEOUT = 10.0
 # Admin connections served at once; more are closed at once.  Scrapers and a
 # few browsers need a handful; an exposed endpoint must not be a thread bomb.
 ADMIN_MAX_CONNECTIONS = 32
+# Out of descriptors, accept() fails while a client waits in the backlog and
+# the listener stays readable: pause this long (the accept loop's pause) rather
+# than trying again at once.
+ACCEPT_PAUSE = 0.1
 # The largest API request body: a backend's settings are a few hundred bytes.
 API_MAX_BODY = 65536
 
@@ -324,6 +329,16 @@ class AdminServer:
             daemon_threads = True
             allow_reuse_address = True
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def get_request(self) -> Any:
+                try:
+                    return super().get_request()
+                except OSError as exc:
+                    # http.server drops the error and polls again; the client
+                    # still waiting keeps the listener readable.
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        time.sleep(ACCEPT_PAUSE)
+                    raise
 
             def process_request(self, request: Any, client_address: Any) -> None:
                 if not slots.acquire(blocking=False):

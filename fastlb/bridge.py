@@ -26,7 +26,7 @@ __all__ = [
     "NO_EXTENSIONS", "IMPLEMENTATION", "BUFFER_SIZE", "MAX_HEALTH_ANSWER", "MAX_PROXY_HEADER",
     "RelayResult", "parse_status_line", "parse_health_answer", "parse_proxy_header",
     "build_proxy_header", "relay", "Engine", "accept_batch", "set_pipe_budget", "pipes_in_use",
-    "Twin",
+    "ROUTE_WAIT", "Twin",
 ]
 
 if TYPE_CHECKING or NO_EXTENSIONS:
@@ -34,7 +34,8 @@ if TYPE_CHECKING or NO_EXTENSIONS:
                                    MAX_PROXY_HEADER, RelayResult, build_proxy_header,
                                    parse_health_answer, parse_proxy_header, parse_status_line,
                                    relay)
-    from fastlb._engine_py import Engine, accept_batch, pipes_in_use, set_pipe_budget
+    from fastlb._engine_py import (ROUTE_WAIT, Engine, accept_batch, pipes_in_use,
+                                   set_pipe_budget)
 else:
     try:
         # Both compiled twins, or (below) both pure ones: never a mix.
@@ -42,13 +43,15 @@ else:
                                     MAX_PROXY_HEADER, RelayResult, build_proxy_header,
                                     parse_health_answer, parse_proxy_header, parse_status_line,
                                     relay)
-        from fastlb._engine import Engine, accept_batch, pipes_in_use, set_pipe_budget
+        from fastlb._engine import (ROUTE_WAIT, Engine, accept_batch, pipes_in_use,
+                                    set_pipe_budget)
     except ImportError:  # not built: the pure twins, as announced by IMPLEMENTATION
         from fastlb._bridge_py import (BUFFER_SIZE, IMPLEMENTATION, MAX_HEALTH_ANSWER,
                                        MAX_PROXY_HEADER, RelayResult, build_proxy_header,
                                        parse_health_answer, parse_proxy_header, parse_status_line,
                                        relay)
-        from fastlb._engine_py import Engine, accept_batch, pipes_in_use, set_pipe_budget
+        from fastlb._engine_py import (ROUTE_WAIT, Engine, accept_batch, pipes_in_use,
+                                       set_pipe_budget)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import socket
+import time
 import urllib.request
 
 import pytest
 
 from conftest import wait_until
-from fastlb.admin import AdminServer
+from fastlb.admin import ACCEPT_PAUSE, AdminServer
 
 
 def fake_stats() -> dict:
@@ -66,3 +68,29 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_served_again_later(
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_out_of_descriptors_the_admin_endpoint_pauses_its_accepts_instead_of_spinning(admin, monkeypatch):
+    # Measured in docs/reliability.md (fdlimit): with every descriptor taken,
+    # one admin client waiting in the listen backlog kept the listener
+    # readable, accept() failed with EMFILE at once, and http.server's loop
+    # tried again at once: half a core spent while fastlb was saturated.
+    server = admin()
+    listener = server.httpd.socket
+    attempts = []
+    accept = socket.socket.accept
+
+    def failing_accept(sock):
+        if sock is listener:
+            attempts.append(time.monotonic())
+            raise OSError(errno.EMFILE, "Too many open files")
+        return accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", failing_accept)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        wait_until(lambda: len(attempts) >= 4, 5, message="accept attempts")
+    monkeypatch.undo()
+    # A pause is a lower bound: a busy machine only stretches the gaps.
+    gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:4])]
+    assert min(gaps) >= ACCEPT_PAUSE * 0.9, gaps
+    assert healthz(server.port) == 200

@@ -181,7 +181,9 @@ def test_a_round_is_not_over_while_a_probe_started_in_it_still_runs(faults):
     slow = faults(probe=DELAY, delay=0.5)
     pool = BackendPool([Address("127.0.0.1", refused_port(), "127.0.0.1"),
                         Address("127.0.0.1", slow.port, "127.0.0.1")], requests_per_round=1)
-    checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
+    # A round waits for a probe up to round_wait (the engines' 0.25 s by
+    # default, shorter than this slow probe; see the hung-probe test below).
+    checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0, round_wait=5.0)
     try:
         trigger, _ = pool.count_accept()
         assert trigger
@@ -207,7 +209,7 @@ def test_a_round_that_finds_a_probe_running_waits_for_one_started_after_it(fault
 
     slow = faults(probe=DELAY, delay=0.3)
     pool = BackendPool([Address("127.0.0.1", slow.port, "127.0.0.1")], requests_per_round=1)
-    checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
+    checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0, round_wait=5.0)
     try:
         for ticket in (1, 2):
             assert pool.count_accept()[0]
@@ -225,3 +227,40 @@ def test_a_round_that_finds_a_probe_running_waits_for_one_started_after_it(fault
         checker.close()
     assert pool.round_applied(2)
     assert len(slow.probe_times()) == 2
+
+
+def test_a_hung_probe_holds_its_round_no_longer_than_traffic_waits_for_it(faults):
+    # SPEC §2: one hung backend never blocks traffic.  Connections parked for
+    # a round are routed anyway after the engines' ROUTE_WAIT; a round held
+    # by a probe that hangs until --probe-timeout would park every later
+    # connection for that long, one after another (in the chaos run of
+    # docs/reliability.md, throughput fell 25-fold while a probe hung).  So a
+    # probe holds its round for ROUTE_WAIT at most; its verdict is applied
+    # when it comes, and later rounds do not wait for it at all.
+    from faults import SILENT
+    from fastlb.health import HealthChecker
+    from fastlb.pool import BackendPool
+
+    hung, healthy = faults(probe=SILENT), faults()
+    pool = BackendPool([Address("127.0.0.1", hung.port, "127.0.0.1"),
+                        Address("127.0.0.1", healthy.port, "127.0.0.1")], requests_per_round=1)
+    checker = HealthChecker(pool, probe_timeout=5.0, interval=60.0)
+    try:
+        deadline = time.monotonic() + 4.0       # before the hung probe's own deadline
+        for ticket in (1, 2):
+            assert pool.count_accept()[0]
+            pool.trigger_closed(ticket)         # the triggering client has gone: the next one waits
+            checker.start_round(load_only=True)
+            while not pool.round_applied(ticket) and time.monotonic() < deadline:
+                checker._step(deadline)
+            assert pool.round_applied(ticket), ticket
+        # Both rounds ended on the healthy backend's answers, without a verdict on
+        # the hung one and without probing it twice at once.
+        assert [b.state for b in pool.backends] == ["unknown", "up"]
+        assert len(hung.probe_times()) == 1 and len(healthy.probe_times()) == 2
+        # The hung probe still ends at its own deadline, and marks its backend down.
+        while pool.backends[0].state != "down" and time.monotonic() < deadline + 3.0:
+            checker._step(deadline + 3.0)
+        assert pool.backends[0].state == "down"
+    finally:
+        checker.close()

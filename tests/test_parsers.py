@@ -3,6 +3,12 @@
 Every case runs on the pure-Python twin (the specification) and on the compiled
 one; a differential hypothesis test then feeds both the same random and mutated
 inputs and demands identical answers, error messages included.
+
+The differential tests run 1,000 examples each, so this file takes seconds. To
+fuzz for longer, raise their example count with an environment variable (and
+lift pytest's per-test timeout), for instance::
+
+    FASTLB_FUZZ_EXAMPLES=1000000 .venv/bin/python -m pytest -q --timeout=0 tests/test_parsers.py -k twins_agree
 """
 
 from __future__ import annotations
@@ -297,7 +303,9 @@ health_inputs = st.one_of(
     mutated(valid_answers),
     near_the_limit,
 )
-DIFFERENTIAL = settings(max_examples=1000, deadline=None,
+# FASTLB_FUZZ_EXAMPLES raises the differential tests' example count (see the docstring).
+FUZZ_EXAMPLES = int(os.environ.get("FASTLB_FUZZ_EXAMPLES", "0") or 0)
+DIFFERENTIAL = settings(max_examples=max(1000, FUZZ_EXAMPLES), deadline=None,
                         suppress_health_check=[HealthCheck.too_slow])
 
 

@@ -9,9 +9,9 @@ both twins too.
 
 The properties run a few hundred examples each, so this file takes seconds.
 To fuzz for longer, raise every property's example count with an environment
-variable, for instance::
+variable (and lift pytest's per-test timeout), for instance::
 
-    FASTLB_FUZZ_EXAMPLES=1000000 .venv/bin/python -m pytest -q tests/test_proxy_header.py -k property
+    FASTLB_FUZZ_EXAMPLES=1000000 .venv/bin/python -m pytest -q --timeout=0 tests/test_proxy_header.py -k twins_agree
 """
 
 from __future__ import annotations
