@@ -13,6 +13,7 @@ lift pytest's per-test timeout), for instance::
 
 from __future__ import annotations
 
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
