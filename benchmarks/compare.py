@@ -276,7 +276,8 @@ def _base(name: str) -> str:
     return re.sub(r"-(?:N|nbthread)\d+$", "", name.split("@", 1)[0])
 
 
-def start_contender(name: str, port: int, ports: list, workdir: Path, threads: int):
+def start_contender(name: str, port: int, ports: list, workdir: Path, threads: int, extra: tuple = ()):
+    """Start one contender; ``extra`` are further fastlb options (profile.py's --fastlb-args)."""
     base = _base(name)
     if base.startswith("fastlb"):
         env = _env({"FASTLB_NO_EXTENSIONS": "1" if base == "fastlb-python" else ""}, _fastlb_tree(name))
@@ -286,7 +287,7 @@ def start_contender(name: str, port: int, ports: list, workdir: Path, threads: i
             # own default does, which would cap the c9000 run below 9,000.
             [sys.executable, "-m", "fastlb", "-N", str(_threads_in(name, threads)), "--bind",
              "127.0.0.1", "--log-level", "warning", "--max-connections", str(max_connections()),
-             str(port)] + [str(p) for p in ports], env=env,
+             str(port), *extra] + [str(p) for p in ports], env=env,
             stderr=subprocess.DEVNULL)
     if base.startswith("haproxy"):
         conf = workdir / ("%s.cfg" % name)
