@@ -168,7 +168,10 @@ def test_check_none_backend_refusing_is_down_at_once_and_retried_after_the_inter
     # Not before the interval, and at the first timed round after it.
     assert 0.9 <= time.monotonic() - refused_at < 4.0
     answers = [http_get(lb.port, "/") for _ in range(4)]
-    assert sum(a.endswith(b"late\n") for a in answers) == 2, answers
+    # Back in the rotation: leastconn takes turns among equals, but a client
+    # sees its answer end before fastlb has counted that relay closed, so the
+    # next one may find the backends unequal; both serve, not exactly 2 each.
+    assert 1 <= sum(a.endswith(b"late\n") for a in answers) <= 3, answers
     # No probe ever reached either backend: every connection was a request.
     for server in (late, good):
         assert probe_connections(server) == 0 and server.probes == 0
