@@ -22,28 +22,30 @@ from libc.math cimport ceil
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove, memset, strerror, strlen
+from posix.unistd cimport close
+
+from includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR,
+                             EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1, epoll_ctl, epoll_event,
+                             epoll_wait)
+from includes.eventfd cimport (EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t,
+                               eventfd_write)
+from includes.netinet cimport (INET6_ADDRSTRLEN, IPPROTO_TCP, TCP_NODELAY, htons, inet_ntop,
+                               inet_pton, ntohl, ntohs, sockaddr_in, sockaddr_in6)
+from includes.poll cimport POLLIN, poll, pollfd
+from includes.socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR,
+                              SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4,
+                              connect, getpeername, getsockname, getsockopt, recv, send,
+                              setsockopt, shutdown, sockaddr, sockaddr_storage, socket, socklen_t)
+from includes.splice cimport SPLICE_F_MOVE, SPLICE_F_NONBLOCK
+from includes.splice cimport splice as splice_fd
 
 from http_status cimport STATUS_PREFIX_LEN, status_code
-from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR,
-                         EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1, epoll_ctl, epoll_event,
-                         epoll_wait)
-from libc_eventfd cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t, eventfd_write
-from libc_fcntl cimport SPLICE_F_MOVE, SPLICE_F_NONBLOCK
-from libc_fcntl cimport splice as splice_fd
-from libc_netinet cimport (INET6_ADDRSTRLEN, IPPROTO_TCP, TCP_NODELAY, htons, inet_ntop, inet_pton,
-                           ntohl, ntohs, sockaddr_in, sockaddr_in6)
-from libc_poll cimport POLLIN, poll, pollfd
 from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
                            proxy_addresses_from_sockaddrs, proxy_addresses_tuple, proxy_build,
                            proxy_parse)
 from sigpipe cimport block_sigpipe, unblock_sigpipe
 from splice_pipe cimport open_splice_pipe
-from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR,
-                          SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect,
-                          getpeername, getsockname, getsockopt, recv, send, setsockopt, shutdown,
-                          sockaddr, sockaddr_storage, socket, socklen_t)
 from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
-from libc_unistd cimport close
 
 cdef enum:
     # One recv per readable event, into the engine's scratch buffer, sent on at
