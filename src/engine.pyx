@@ -11,9 +11,9 @@ C-level PROXY codec of ``src/proxy_header.pxd``.
 
 This file holds the tunables and the loop (``Engine``); the rooms it includes
 from ``src/engine/`` hold the rest: ``direction.pxi`` (the Direction struct,
-recv/send/splice, the pipe budget), ``conn.pxi`` (the Conn struct, its states
-and endings, the status and replay copies) and ``sockaddr.pxi`` (socket
-addresses, ``accept_batch``).
+recv/send/splice, the pipe budget), ``queue.pxi`` (ConnQueue, the one queue
+type), ``conn.pxi`` (the Conn struct, its states and endings, the status and
+replay copies) and ``sockaddr.pxi`` (socket addresses, ``accept_batch``).
 """
 
 from fastlb._twin_common import connect_reason, splice_mode
@@ -113,6 +113,7 @@ cdef size_t C_RESPONSE_500_LEN = strlen(C_RESPONSE_500)
 RESPONSE_500 = C_RESPONSE_500[:C_RESPONSE_500_LEN]
 
 include "engine/direction.pxi"
+include "engine/queue.pxi"
 include "engine/conn.pxi"
 include "engine/sockaddr.pxi"
 
@@ -148,19 +149,15 @@ cdef class Engine:
     # Loop state, touched only by the thread in run().
     cdef bint retry_parked
     cdef double now
-    cdef Conn* live
-    cdef Conn* dead
-    cdef Conn* fresh_head           # picked up from the hand-off, not yet set up
-    cdef Conn* fresh_tail
-    cdef Conn* parked_head
-    cdef Conn* parked_tail
-    cdef Py_ssize_t n_parked
-    cdef Conn* reports_head
-    cdef Conn* reports_tail
-    cdef Conn* routes_head          # waiting for the router (ST_ROUTING)
-    cdef Conn* routes_tail
-    cdef Conn* decided_head         # routed in this GIL section, to act on without it
-    cdef Conn* decided_tail
+    # Every Conn is on exactly one of fresh, live and dead, and maybe on
+    # parked, on routes or decided, and on reports (src/engine/queue.pxi).
+    cdef ConnQueue fresh            # picked up from the hand-off, not yet set up
+    cdef ConnQueue live             # set up and not closed, oldest first
+    cdef ConnQueue dead             # closed, to be freed at the end of the loop turn
+    cdef ConnQueue parked           # ST_PARKED, waiting for fresher figures
+    cdef ConnQueue routes           # waiting for the router (ST_ROUTING)
+    cdef ConnQueue decided          # routed in this GIL section, to act on without it
+    cdef ConnQueue reports          # waiting for router.finished
     cdef unsigned char* scratch
     cdef bint sigpipe_blocked
 
@@ -171,6 +168,13 @@ cdef class Engine:
         cdef int err
         self.epfd = -1
         self.wakefd = -1
+        queue_init(&self.fresh, LINK_LIFE)
+        queue_init(&self.live, LINK_LIFE)
+        queue_init(&self.dead, LINK_LIFE)
+        queue_init(&self.parked, LINK_PARKED)
+        queue_init(&self.routes, LINK_ROUTE)
+        queue_init(&self.decided, LINK_ROUTE)
+        queue_init(&self.reports, LINK_REPORT)
         self.router = router
         self.server_timeout = server_timeout
         self.idle_timeout = idle_timeout
@@ -312,7 +316,7 @@ cdef class Engine:
         self.now = monotonic()
         next_tick = self.now + C_TICK
         while True:
-            if self.stopping and self.live == NULL:
+            if self.stopping and self.live.head == NULL:
                 with gil:
                     done = self._finish_if_idle()
                 if done:
@@ -339,9 +343,9 @@ cdef class Engine:
             if self.now >= next_tick:
                 next_tick = self.now + C_TICK
                 self._check_deadlines()
-            if woken or self.reports_head != NULL or self.routes_head != NULL:
+            if woken or self.reports.head != NULL or self.routes.head != NULL:
                 self._settle(woken)
-            if self.dead != NULL:
+            if self.dead.head != NULL:
                 self._free_dead()
 
     cdef bint _finish_if_idle(self) noexcept:
@@ -364,7 +368,6 @@ cdef class Engine:
         """
         cdef eventfd_t value
         cdef Conn* c
-        cdef Conn* nxt
         if woken:
             eventfd_read(self.wakefd, &value)
         while True:
@@ -375,23 +378,20 @@ cdef class Engine:
                 if self.retry_parked:
                     self.retry_parked = False
                     self._requeue_parked()
-                if self.reports_head != NULL:
+                if self.reports.head != NULL:
                     self._report_all()
                 self._route_all()
-            c = self.fresh_head
-            self.fresh_head = self.fresh_tail = NULL
+            # Neither _accept nor _act puts a connection back on the queue it
+            # came from: these loops end.
+            c = queue_pop(&self.fresh)
             while c != NULL:
-                nxt = c.next
                 self._accept(c)
-                c = nxt
-            c = self.decided_head
-            self.decided_head = self.decided_tail = NULL
+                c = queue_pop(&self.fresh)
+            c = queue_pop(&self.decided)
             while c != NULL:
-                nxt = c.route_next
-                c.route_next = NULL
                 self._act(c)
-                c = nxt
-            if self.routes_head == NULL and self.reports_head == NULL:
+                c = queue_pop(&self.decided)
+            if self.routes.head == NULL and self.reports.head == NULL:
                 return 0
 
     cdef int _pop_incoming(self) except -1:
@@ -427,11 +427,7 @@ cdef class Engine:
             if ticket is not None:
                 Py_INCREF(ticket)
                 c.ticket = <PyObject*>ticket
-            if self.fresh_tail == NULL:
-                self.fresh_head = c
-            else:
-                self.fresh_tail.next = c
-            self.fresh_tail = c
+            queue_append(&self.fresh, c)
         return 0
 
     cdef void _accept(self, Conn* c) noexcept nogil:
@@ -439,11 +435,7 @@ cdef class Engine:
         c.state = ST_WAIT
         c.accepted = self.now
         c.deadline = self.now + self.client_timeout
-        c.prev = NULL
-        c.next = self.live
-        if self.live != NULL:
-            self.live.prev = c
-        self.live = c
+        queue_append(&self.live, c)
         if setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0:
             self._close(c, END_CLIENT_ERROR)
             return
@@ -589,29 +581,16 @@ cdef class Engine:
         c.state = ST_ROUTING
         c.route_failed = failed
         c.route_drop_ticket = drop_ticket
-        c.route_next = NULL
-        if self.routes_tail == NULL:
-            self.routes_head = c
-        else:
-            self.routes_tail.route_next = c
-        self.routes_tail = c
+        queue_append(&self.routes, c)
         return 0
 
     cdef int _route_all(self) except -1:
         """With the GIL: route every queued connection through the router onto the decided list."""
-        cdef Conn* c
-        while self.routes_head != NULL:
-            c = self.routes_head
-            self.routes_head = c.route_next
-            if self.routes_head == NULL:
-                self.routes_tail = NULL
-            c.route_next = NULL
+        cdef Conn* c = queue_pop(&self.routes)
+        while c != NULL:
             c.route = self._route(c, c.route_failed, c.route_drop_ticket)
-            if self.decided_tail == NULL:
-                self.decided_head = c
-            else:
-                self.decided_tail.route_next = c
-            self.decided_tail = c
+            queue_append(&self.decided, c)
+            c = queue_pop(&self.routes)
         return 0
 
     cdef int _act(self, Conn* c) except -1 nogil:
@@ -733,55 +712,16 @@ cdef class Engine:
         return 0
 
     cdef void _park(self, Conn* c) noexcept nogil:
-        if c.parked:
-            return
-        c.parked = True
-        c.parked_next = NULL
-        if self.parked_tail == NULL:
-            self.parked_head = c
-        else:
-            self.parked_tail.parked_next = c
-        self.parked_tail = c
-        self.n_parked += 1
-
-    cdef Conn* _unpark_first(self) noexcept nogil:
-        cdef Conn* c = self.parked_head
-        if c == NULL:
-            return NULL
-        self.parked_head = c.parked_next
-        if self.parked_head == NULL:
-            self.parked_tail = NULL
-        c.parked_next = NULL
-        c.parked = False
-        self.n_parked -= 1
-        return c
-
-    cdef void _unpark_one(self, Conn* c) noexcept nogil:
-        """Take c off the parked list wherever it is (a closed or timed-out connection)."""
-        cdef Conn* p
-        if not c.parked:
-            return
-        if self.parked_head == c:
-            self._unpark_first()
-            return
-        p = self.parked_head
-        while p != NULL and p.parked_next != c:
-            p = p.parked_next
-        if p != NULL:
-            p.parked_next = c.parked_next
-            if self.parked_tail == c:
-                self.parked_tail = p
-            self.n_parked -= 1
-        c.parked_next = NULL
-        c.parked = False
+        if not queue_holds(&self.parked, c):
+            queue_append(&self.parked, c)
 
     cdef int _requeue_parked(self) except -1 nogil:
         """Queue every parked connection for the router again (its figures changed)."""
-        cdef Conn* c = self._unpark_first()
+        cdef Conn* c = queue_pop(&self.parked)
         while c != NULL:
             if c.state == ST_PARKED:
                 self._connect_next(c, FAILED_NOTHING, False)
-            c = self._unpark_first()
+            c = queue_pop(&self.parked)
         return 0
 
     cdef int _on_connected(self, Conn* c, unsigned int events) except -1 nogil:
@@ -1048,11 +988,11 @@ cdef class Engine:
     # -- timeouts --------------------------------------------------------------
 
     cdef int _check_deadlines(self) except -1 nogil:
-        cdef Conn* c = self.live
+        cdef Conn* c = self.live.head
         cdef Conn* nxt
         cdef double now = self.now
         while c != NULL:
-            nxt = c.next   # a handler may close c, never another connection
+            nxt = queue_next(&self.live, c)   # a handler may close c, never another connection
             if c.deadline <= now:
                 self._on_timeout(c)
             c = nxt
@@ -1062,7 +1002,7 @@ cdef class Engine:
         if c.state == ST_WAIT:
             self._close(c, END_BAD_PROXY_HEADER if c.header_len else END_CLIENT_TIMEOUT)
         elif c.state == ST_PARKED:
-            self._unpark_one(c)
+            queue_remove(&self.parked, c)
             return self._connect_next(c, FAILED_NOTHING, True)
         elif c.state == ST_CONNECTING:
             return self._connect_failed(c, FAILED_TIMEOUT)
@@ -1171,12 +1111,7 @@ cdef class Engine:
         c.report_end = end
         c.report_status = status
         c.report_duration = monotonic() - c.accepted
-        c.report_next = NULL
-        if self.reports_tail == NULL:
-            self.reports_head = c
-        else:
-            self.reports_tail.report_next = c
-        self.reports_tail = c
+        queue_append(&self.reports, c)
 
     cdef void _close(self, Conn* c, End end) noexcept nogil:
         """Close both sockets once and queue the report (unless already reported)."""
@@ -1197,27 +1132,19 @@ cdef class Engine:
                                c.answered if c.answered else (c.status if c.status > 0 else 0))
         elif c.answered:
             self._queue_report(c, END_NO_BACKEND, c.answered)
-        self._unpark_one(c)
+        # Off parked, and off routes or decided (only when run() ends early).
+        queue_remove(&self.parked, c)
+        queue_leave(c, LINK_ROUTE)
         c.state = ST_CLOSED
-        if c.prev != NULL:
-            c.prev.next = c.next
-        else:
-            self.live = c.next
-        if c.next != NULL:
-            c.next.prev = c.prev
-        c.prev = NULL
-        c.next = self.dead
-        self.dead = c
+        queue_remove(&self.live, c)
+        queue_append(&self.dead, c)
         self.n_closed += 1
 
     cdef int _report_all(self) except -1:
         """With the GIL: router.finished for every queued connection, then drop its references."""
-        cdef Conn* c
+        cdef Conn* c = queue_pop(&self.reports)
         error = None
-        while self.reports_head != NULL:
-            c = self.reports_head
-            self.reports_head = c.report_next
-            c.report_next = NULL
+        while c != NULL:
             try:
                 self.router.finished(_obj(c.token), _obj(c.addr), c.up.nbytes, c.down.nbytes,
                                      c.report_status, _END_NAMES[c.report_end], c.report_duration)
@@ -1231,16 +1158,14 @@ cdef class Engine:
             _clear(&c.addr)
             _clear(&c.ticket)
             _clear(&c.source)
-        self.reports_tail = NULL
+            c = queue_pop(&self.reports)
         if error is not None:
             raise error
         return 0
 
     cdef void _free_dead(self) noexcept nogil:
-        cdef Conn* c
-        while self.dead != NULL:
-            c = self.dead
-            self.dead = c.next
+        cdef Conn* c = queue_pop(&self.dead)
+        while c != NULL:
             if (c.token != NULL or c.tried != NULL or c.addr != NULL or c.ticket != NULL
                     or c.source != NULL):
                 with gil:   # never reported: cannot happen, but never leak either
@@ -1250,30 +1175,23 @@ cdef class Engine:
                     _clear(&c.ticket)
                     _clear(&c.source)
             free(c)
+            c = queue_pop(&self.dead)
 
     cdef void _shutdown(self) except *:
         """With the GIL, as run() returns: close every connection and descriptor left, reporting."""
         cdef Conn* c
         self.now = monotonic()
-        while self.live != NULL:
-            self._close(self.live, END_CLIENT_ERROR)
+        # Closing takes a connection off live, and off parked, routes or decided.
+        while self.live.head != NULL:
+            self._close(self.live.head, END_CLIENT_ERROR)
         # Picked up from the hand-off but not set up (the loop raised meanwhile).
-        while self.fresh_head != NULL:
-            c = self.fresh_head
-            self.fresh_head = c.next
-            c.next = NULL
+        c = queue_pop(&self.fresh)
+        while c != NULL:
             c.accepted = self.now
             c.state = ST_WAIT
-            c.prev = NULL
-            c.next = self.live
-            self.live = c
+            queue_append(&self.live, c)
             self._close(c, END_CLIENT_ERROR)
-        self.fresh_tail = NULL
-        # Connections waiting for the router or decided are live: closed above.
-        self.routes_head = self.routes_tail = NULL
-        self.decided_head = self.decided_tail = NULL
-        self.parked_head = self.parked_tail = NULL
-        self.n_parked = 0
+            c = queue_pop(&self.fresh)
         queued, self.incoming = self.incoming, []
         self.finished = True
         try:

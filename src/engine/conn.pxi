@@ -1,6 +1,7 @@
 # The Conn struct, one per client connection, its states and ways to end, and
 # what is done to its bytes besides relaying them: the first response's status
-# and the replay copy (included by src/engine.pyx, after direction.pxi).
+# and the replay copy (included by src/engine.pyx, after direction.pxi and
+# queue.pxi).
 
 from cpython.ref cimport Py_XDECREF, PyObject
 from libc.stdlib cimport free, realloc
@@ -63,12 +64,7 @@ cdef enum:
 
 
 cdef struct Conn:
-    Conn* prev              # the live list; the dead list uses next only
-    Conn* next
-    Conn* parked_next       # FIFO of PARKED connections
-    Conn* report_next       # FIFO of connections to report to router.finished
-    Conn* route_next        # FIFO of connections waiting for the router (ST_ROUTING)
-    bint parked
+    Link links[N_LINKS]     # its places on the engine's queues (queue.pxi)
     bint reported           # queued for router.finished already: never twice
     int client
     int server              # -1 when there is none
