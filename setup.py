@@ -79,6 +79,9 @@ def extensions():
          Extension("fastlb._engine", ["src/engine.pyx"], extra_compile_args=["-O2"],
                    define_macros=macros)],
         compiler_directives=directives,
+        # Where cimports are found: src/ itself (includes.epoll, proxy_header
+        # ...), also from the files src/engine.pyx includes from src/engine/.
+        include_path=["src"],
         # cythonize regenerates a .c file only when its .pyx is newer, and a
         # .c file from an earlier build has no tracing code.  (Without the
         # macro, a traced .c file compiles to the same code as any other.)

@@ -106,10 +106,11 @@ class Served:
     # -- life --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop accepting, let the connections in flight finish, join the threads."""
+        """Stop accepting, let the connections in flight finish, join the threads, close."""
         self.balancer.stop()
         self._thread.join(self.balancer.config.drain_timeout + JOIN_MARGIN)
-        if not self._thread.is_alive():  # else run still uses them; the daemon thread dies with us
+        # Only once run() has returned: its accept loop still polls the waker.
+        if not self._thread.is_alive():
             self.balancer.close()
 
     def __enter__(self) -> "Served":

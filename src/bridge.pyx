@@ -27,19 +27,21 @@ from libc.math cimport ceil
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memchr, memcpy
+from posix.fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, fcntl
+from posix.unistd cimport close
 
-from libc_fcntl cimport F_GETFL, F_SETFL, O_NONBLOCK, SPLICE_F_MOVE, SPLICE_F_NONBLOCK, fcntl
-from libc_fcntl cimport splice as splice_fd
-from libc_poll cimport POLLIN, POLLOUT, poll, pollfd
-from sigpipe cimport block_sigpipe, unblock_sigpipe
-from splice_pipe cimport open_splice_pipe
-from libc_socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdown
-from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
-from libc_unistd cimport close
+from includes.poll cimport POLLIN, POLLOUT, poll, pollfd
+from includes.socket cimport MSG_DONTWAIT, MSG_NOSIGNAL, SHUT_WR, recv, send, shutdown
+from includes.splice cimport SPLICE_F_MOVE, SPLICE_F_NONBLOCK
+from includes.splice cimport splice as splice_fd
+
 from http_status cimport STATUS_PREFIX_LEN, _is_digit, status_code
 from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
                            proxy_addresses_from_tuples, proxy_addresses_tuple, proxy_build,
                            proxy_error_reason, proxy_parse)
+from sigpipe cimport block_sigpipe, unblock_sigpipe
+from splice_pipe cimport open_splice_pipe
+from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
 
 __all__ = [
     "IMPLEMENTATION",

@@ -4,46 +4,44 @@
 Built into ``fastlb._engine``; the public API and the decisions are those of
 ``fastlb._engine_py``, and the design both follow is in ``docs/design.md``
 ("The relay engine", "The GIL is taken per batch").  Local to this twin: the
-``Conn`` struct and its lists (live, dead, parked, routes, reports), the
+``Conn`` struct and its queues (live, dead, parked, routes, reports), the
 eventfd hand-off guarded by the GIL, one GIL section per loop turn
 (``_settle``), splice pipes against the process's pipe budget, and the
 C-level PROXY codec of ``src/proxy_header.pxd``.
-"""
 
-import socket as _socket
+This file holds the tunables and the loop (``Engine``); the rooms it includes
+from ``src/engine/`` hold the rest: ``direction.pxi`` (the Direction struct,
+recv/send/splice, the pipe budget), ``queue.pxi`` (ConnQueue, the one queue
+type), ``conn.pxi`` (the Conn struct, its states and endings, the status and
+replay copies) and ``sockaddr.pxi`` (socket addresses, ``accept_batch``).
+"""
 
 from fastlb._twin_common import connect_reason, splice_mode
 from fastlb.failsafe import INTERNAL_ERRORS
 
 from cpython.ref cimport Py_INCREF, Py_XDECREF, PyObject
-from libc.errno cimport (EAGAIN, EALREADY, ECONNABORTED, EINPROGRESS, EINTR, EINVAL, EISCONN,
-                         ENOSYS, errno)
+from libc.errno cimport EAGAIN, EALREADY, EINPROGRESS, EINTR, EINVAL, EISCONN, ENOSYS, errno
 from libc.math cimport ceil
 from libc.stdint cimport uint64_t, uintptr_t
-from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memmove, memset, strerror, strlen
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, memmove, memset, strerror, strlen
 
-from http_status cimport STATUS_PREFIX_LEN, status_code
-from libc_epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR,
-                         EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1, epoll_ctl, epoll_event,
-                         epoll_wait)
-from libc_eventfd cimport EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t, eventfd_write
-from libc_fcntl cimport SPLICE_F_MOVE, SPLICE_F_NONBLOCK
-from libc_fcntl cimport splice as splice_fd
-from libc_netinet cimport (INET6_ADDRSTRLEN, IPPROTO_TCP, TCP_NODELAY, htons, inet_ntop, inet_pton,
-                           ntohl, ntohs, sockaddr_in, sockaddr_in6)
-from libc_poll cimport POLLIN, poll, pollfd
+from includes.epoll cimport (EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR,
+                             EPOLLHUP, EPOLLIN, EPOLLOUT, epoll_create1, epoll_ctl, epoll_event,
+                             epoll_wait)
+from includes.eventfd cimport (EFD_CLOEXEC, EFD_NONBLOCK, eventfd, eventfd_read, eventfd_t,
+                               eventfd_write)
+from includes.netinet cimport IPPROTO_TCP, TCP_NODELAY
+from includes.socket cimport (MSG_PEEK, SHUT_WR, SO_ERROR, SOCK_CLOEXEC, SOCK_NONBLOCK,
+                              SOCK_STREAM, SOL_SOCKET, connect, getpeername, getsockname,
+                              getsockopt, setsockopt, shutdown, sockaddr, sockaddr_storage, socket,
+                              socklen_t)
+
 from proxy_header cimport (PROXY_BUILD_MAX, PROXY_MAX_HEADER, ProxyAddresses,
                            proxy_addresses_from_sockaddrs, proxy_addresses_tuple, proxy_build,
                            proxy_parse)
 from sigpipe cimport block_sigpipe, unblock_sigpipe
-from splice_pipe cimport open_splice_pipe
-from libc_socket cimport (AF_INET, AF_INET6, MSG_NOSIGNAL, MSG_PEEK, SHUT_WR, SO_ERROR,
-                          SOCK_CLOEXEC, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, accept4, connect,
-                          getpeername, getsockname, getsockopt, recv, send, setsockopt, shutdown,
-                          sockaddr, sockaddr_storage, socket, socklen_t)
 from twin_common cimport SpliceMode, monotonic, SPLICE_ALWAYS, SPLICE_NEVER
-from libc_unistd cimport close
 
 cdef enum:
     # One recv per readable event, into the engine's scratch buffer, sent on at
@@ -114,450 +112,10 @@ cdef const char* C_RESPONSE_500 = b"HTTP/1.1 500 Internal Server Error\r\nConten
 cdef size_t C_RESPONSE_500_LEN = strlen(C_RESPONSE_500)
 RESPONSE_500 = C_RESPONSE_500[:C_RESPONSE_500_LEN]
 
-cdef enum State:
-    ST_WAIT
-    ST_ROUTING              # queued for the router (the end of this loop turn)
-    ST_PARKED
-    ST_CONNECTING
-    ST_RELAYING
-    ST_LINGER
-    ST_CLOSED
-
-cdef enum End:
-    END_NONE
-    END_DONE
-    END_CLIENT_TIMEOUT
-    END_CLIENT_CLOSED
-    END_CLIENT_ERROR
-    END_SERVER_ERROR
-    END_SERVER_TIMEOUT
-    END_IDLE_TIMEOUT
-    END_NO_BACKEND
-    END_BAD_PROXY_HEADER
-
-_END_NAMES = ("", "done", "client_timeout", "client_closed", "client_error", "server_error",
-              "server_timeout", "idle_timeout", "no_backend", "bad_proxy_header")
-
-cdef enum Route:
-    ROUTE_PARK
-    ROUTE_NONE
-    ROUTE_OK
-
-cdef enum Retry:
-    RETRY_NEVER
-    RETRY_IDEMPOTENT
-    RETRY_ALWAYS
-
-# Why a backend is replayed (Conn.route_replay), as the router is told.
-cdef enum:
-    REPLAY_NONE = 0
-    REPLAY_CLOSED
-    REPLAY_RESET
-
-_REPLAY_REASONS = ("", "closed the connection without an answer",
-                   "reset the connection without an answer")
-_RETRY_POLICIES = {"never": RETRY_NEVER, "idempotent": RETRY_IDEMPOTENT, "always": RETRY_ALWAYS}
-
-# Values of the "failed" argument of _connect_next besides a positive errno.
-cdef enum:
-    FAILED_NOTHING = 0
-    FAILED_TIMEOUT = -1
-
-
-cdef struct Direction:
-    # Bytes read but not yet written sit either in buf[start:end] (copy path)
-    # or in the pipe (in_pipe bytes, splice path), never both.
-    unsigned char* buf      # NULL while nothing is held
-    Py_ssize_t start
-    Py_ssize_t end
-    int pipe_r              # -1 while copying
-    int pipe_w
-    Py_ssize_t pipe_size    # 0 while copying
-    Py_ssize_t in_pipe
-    bint copy_only          # no pipe could be made, or the socket cannot splice
-    bint eof                # the source ended its output
-    bint shut               # ... and that was passed on with shutdown(SHUT_WR)
-    Py_ssize_t last_read
-    unsigned long long nbytes   # bytes read from the source
-
-
-cdef struct Conn:
-    Conn* prev              # the live list; the dead list uses next only
-    Conn* next
-    Conn* parked_next       # FIFO of PARKED connections
-    Conn* report_next       # FIFO of connections to report to router.finished
-    Conn* route_next        # FIFO of connections waiting for the router (ST_ROUTING)
-    bint parked
-    bint reported           # queued for router.finished already: never twice
-    int client
-    int server              # -1 when there is none
-    int client_mask         # registered interest (READ | WRITE), 0 when not in epoll
-    int server_mask
-    State state
-    double accepted
-    double deadline
-    double park_deadline    # when parking ends (set when first parked, 0 before)
-    double last_up          # last byte written to the backend
-    Direction up            # client -> backend
-    Direction down          # backend -> client
-    int status              # first response status, -1 until known
-    unsigned char head[STATUS_PREFIX_LEN]
-    Py_ssize_t head_len
-    int answered            # status of fastlb's own answer, if any
-    Py_ssize_t lingered
-    # --accept-proxy: the client's PROXY header.  While it is incomplete, the
-    # bytes taken so far (malloc'ed, header_len of them); once complete,
-    # header_done and the addresses it carried (family 0: none).
-    bint header_done
-    unsigned char* header
-    Py_ssize_t header_len
-    ProxyAddresses proxied
-    int send_proxy          # PROXY version owed to the current backend before any client byte
-    End failed              # a side that failed while the other was owed bytes (END_NONE: none)
-    # --retry-on-empty: the client's bytes so far (copy_len of them, in a
-    # buffer of copy_cap), until the backend's first answer byte; copy_off
-    # once that came, the bytes outgrew C_REPLAY_LIMIT, or replays are off.
-    unsigned char* copy
-    Py_ssize_t copy_len
-    Py_ssize_t copy_cap
-    bint copy_off
-    int route_replay        # REPLAY_*: tell the router the current backend was replayed
-    End report_end
-    int report_status
-    double report_duration
-    # The routing request (ST_ROUTING) and its answer.
-    int route_failed        # FAILED_NOTHING, FAILED_TIMEOUT or the errno of the last connect
-    bint route_drop_ticket
-    Route route
-    sockaddr_storage peer   # the backend's address when route is ROUTE_OK
-    socklen_t peer_len
-    # Strong references, NULL meaning None; released once reported.
-    PyObject* addr
-    PyObject* ticket
-    PyObject* token
-    PyObject* tried
-    PyObject* source        # (ip, port) from the accepted header, made when first routed
-
-
-cdef inline object _obj(PyObject* p):
-    return <object>p if p != NULL else None
-
-
-cdef inline void _clear(PyObject** slot) noexcept:
-    cdef PyObject* p = slot[0]
-    slot[0] = NULL
-    Py_XDECREF(p)
-
-
-cdef inline Py_ssize_t _held(Direction* d) noexcept nogil:
-    return d.end - d.start + d.in_pipe
-
-
-cdef inline bint _has_room(Direction* d) noexcept nogil:
-    if d.pipe_size:
-        return d.in_pipe < d.pipe_size
-    return d.end - d.start < C_BUFFER_LIMIT
-
-
-cdef inline Py_ssize_t _recv(int fd, void* buf, size_t n, int flags, int* err) noexcept nogil:
-    cdef Py_ssize_t k
-    while True:
-        k = recv(fd, buf, n, flags)
-        if k >= 0:
-            return k
-        err[0] = errno
-        if err[0] != EINTR:
-            return -1
-
-
-cdef inline Py_ssize_t _send(int fd, const void* buf, size_t n, int* err) noexcept nogil:
-    cdef Py_ssize_t k
-    while True:
-        k = send(fd, buf, n, MSG_NOSIGNAL)
-        if k >= 0:
-            return k
-        err[0] = errno
-        if err[0] != EINTR:
-            return -1
-
-
-cdef inline Py_ssize_t _splice(int src, int dst, size_t n, int* err) noexcept nogil:
-    cdef Py_ssize_t k
-    while True:
-        k = splice_fd(src, NULL, dst, NULL, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
-        if k >= 0:
-            return k
-        err[0] = errno
-        if err[0] != EINTR:
-            return -1
-
-
-cdef inline void _close_fd(int fd) noexcept nogil:
-    # Linux closes the descriptor even when close() reports EINTR: never retry.
-    if fd >= 0:
-        close(fd)
-
-
-cdef void _init_direction(Direction* d) noexcept nogil:
-    memset(d, 0, sizeof(Direction))
-    d.pipe_r = -1
-    d.pipe_w = -1
-
-
-# The splice pipes every engine of the process holds, against one budget
-# (set_pipe_budget): each pipe is two descriptors that --max-connections' two
-# per connection do not count, so an unbounded number of them would starve
-# accept, backend sockets and probes of descriptors at capacity.  Counted with
-# atomics: engines run in parallel without the GIL.
-cdef extern from *:
-    """
-    static long fastlb_pipes_in_use = 0;
-    static long fastlb_pipe_budget = 1L << 30;
-
-    static inline int fastlb_take_pipe(void) {
-        if (__atomic_add_fetch(&fastlb_pipes_in_use, 1, __ATOMIC_RELAXED)
-                > __atomic_load_n(&fastlb_pipe_budget, __ATOMIC_RELAXED)) {
-            __atomic_sub_fetch(&fastlb_pipes_in_use, 1, __ATOMIC_RELAXED);
-            return 0;
-        }
-        return 1;
-    }
-    static inline void fastlb_give_pipe(void) {
-        __atomic_sub_fetch(&fastlb_pipes_in_use, 1, __ATOMIC_RELAXED);
-    }
-    static inline long fastlb_pipes(void) {
-        return __atomic_load_n(&fastlb_pipes_in_use, __ATOMIC_RELAXED);
-    }
-    static inline void fastlb_set_pipe_budget(long n) {
-        __atomic_store_n(&fastlb_pipe_budget, n, __ATOMIC_RELAXED);
-    }
-    """
-    bint fastlb_take_pipe() nogil
-    void fastlb_give_pipe() nogil
-    long fastlb_pipes() nogil
-    void fastlb_set_pipe_budget(long n) nogil
-
-
-def set_pipe_budget(long pipes):
-    """At most this many splice pipes open at once in the process's engines (others copy)."""
-    fastlb_set_pipe_budget(pipes)
-
-
-def pipes_in_use():
-    """Splice pipes the process's engines hold now."""
-    return fastlb_pipes()
-
-
-cdef void _release_direction(Direction* d) noexcept nogil:
-    free(d.buf)
-    d.buf = NULL
-    d.start = d.end = 0
-    if d.pipe_size:
-        _stop_splice(d)
-
-
-cdef bint _start_splice(Direction* d) noexcept nogil:
-    """Give d a pipe so that it moves bytes with splice(2); False (it copies) when impossible.
-
-    Out of pipe budget the direction copies for now and may splice later;
-    a pipe the kernel refuses makes it copy for good.
-    """
-    cdef int fds[2]
-    cdef int size
-    if not fastlb_take_pipe():
-        return False
-    size = open_splice_pipe(fds)
-    if size < 0:
-        fastlb_give_pipe()
-        d.copy_only = True   # copying still works
-        return False
-    d.pipe_r = fds[0]
-    d.pipe_w = fds[1]
-    d.pipe_size = size
-    d.in_pipe = 0
-    return True
-
-
-cdef void _stop_splice(Direction* d) noexcept nogil:
-    _close_fd(d.pipe_r)
-    _close_fd(d.pipe_w)
-    d.pipe_r = d.pipe_w = -1
-    d.pipe_size = d.in_pipe = 0
-    fastlb_give_pipe()
-
-
-cdef void _capture_status(Conn* c, const unsigned char* data, Py_ssize_t n) noexcept nogil:
-    """Decide the first response's status from its first STATUS_PREFIX_LEN bytes (as the twin)."""
-    cdef Py_ssize_t take = STATUS_PREFIX_LEN - c.head_len
-    cdef int code
-    if take > n:
-        take = n
-    memcpy(c.head + c.head_len, data, take)
-    c.head_len += take
-    code = status_code(c.head, c.head_len)
-    if code != 0 or c.head_len >= STATUS_PREFIX_LEN:
-        c.status = code if code > 0 else 0
-
-
-cdef void _drop_copy(Conn* c) noexcept nogil:
-    free(c.copy)
-    c.copy = NULL
-    c.copy_len = c.copy_cap = 0
-    c.copy_off = True
-
-
-cdef void _keep_copy(Conn* c, const unsigned char* data, Py_ssize_t n) noexcept nogil:
-    """Add the client's bytes to its replay copy; give the copy up past C_REPLAY_LIMIT."""
-    cdef Py_ssize_t capacity = c.copy_cap
-    cdef unsigned char* grown
-    if c.copy_len + n > C_REPLAY_LIMIT:
-        _drop_copy(c)
-        return
-    if c.copy_len + n > capacity:
-        if capacity == 0:
-            capacity = REPLAY_FIRST_CAPACITY
-        while capacity < c.copy_len + n:
-            capacity *= 2
-        grown = <unsigned char*>realloc(c.copy, capacity)
-        if grown == NULL:
-            _drop_copy(c)
-            return
-        c.copy = grown
-        c.copy_cap = capacity
-    memcpy(c.copy + c.copy_len, data, n)
-    c.copy_len += n
-
-
-cdef bint _idempotent(const unsigned char* data, Py_ssize_t n) noexcept nogil:
-    """Do the bytes start with an idempotent HTTP method (RFC 9110 9.2.2) and its space?"""
-    cdef const char* methods[6]
-    cdef Py_ssize_t i, k
-    methods[0] = b"GET "
-    methods[1] = b"HEAD "
-    methods[2] = b"OPTIONS "
-    methods[3] = b"TRACE "
-    methods[4] = b"PUT "
-    methods[5] = b"DELETE "
-    for i in range(6):
-        k = strlen(methods[i])
-        if n >= k and memcmp(data, methods[i], k) == 0:
-            return True
-    return False
-
-
-cdef enum:
-    # Most clients accept_batch takes per call (and so per GIL acquisition).
-    C_ACCEPT_BATCH = 64
-
-ACCEPT_BATCH = C_ACCEPT_BATCH
-
-
-def accept_batch(listener, waker, int limit=C_ACCEPT_BATCH):
-    """Wait for clients on ``listener`` and accept up to ``limit`` of them, without the GIL.
-
-    Returns ``[(client, addr), ...]``: ``client`` is a non-blocking,
-    close-on-exec descriptor for ``Engine.add`` (the caller owns it until
-    then), ``addr`` the peer as ``socket.accept`` gives it.  Returns an empty
-    list as soon as ``waker`` is readable (it is not read: the caller decides
-    what a wake-up means), and when a signal interrupted the wait, so that the
-    caller's signal handlers run.  An accept error other than "try again" is
-    raised as OSError, unless clients were accepted before it: those are
-    returned, and the error comes again on the next call.
-    """
-    cdef int lfd = listener.fileno()
-    cdef int wfd = waker.fileno()
-    cdef pollfd fds[2]
-    cdef int fd_list[C_ACCEPT_BATCH]
-    cdef sockaddr_storage addrs[C_ACCEPT_BATCH]
-    cdef socklen_t length
-    cdef int n = 0, k, err = 0
-    if limit > C_ACCEPT_BATCH:
-        limit = C_ACCEPT_BATCH
-    fds[0].fd = lfd
-    fds[0].events = POLLIN
-    fds[1].fd = wfd
-    fds[1].events = POLLIN
-    with nogil:
-        k = poll(fds, 2, -1)
-        if k < 0:
-            err = errno
-        elif not fds[1].revents:
-            while n < limit:
-                length = sizeof(sockaddr_storage)
-                k = accept4(lfd, <sockaddr*>&addrs[n], &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
-                if k >= 0:
-                    fd_list[n] = k
-                    n += 1
-                    continue
-                err = errno
-                if err == ECONNABORTED:   # the client gave up in the backlog: next one
-                    err = 0
-                    continue
-                if err == EAGAIN or err == EINTR:
-                    err = 0
-                break
-    if err and err != EINTR and n == 0:
-        raise OSError(err, strerror(err).decode())
-    return [(fd_list[k], _sockaddr_tuple(&addrs[k])) for k in range(n)]
-
-
-cdef object _sockaddr_tuple(sockaddr_storage* addr):
-    """The peer address as Python's socket gives it: (ip, port[, flowinfo, scope_id])."""
-    cdef char text[INET6_ADDRSTRLEN]
-    cdef sockaddr_in* sin = <sockaddr_in*>addr
-    cdef sockaddr_in6* sin6 = <sockaddr_in6*>addr
-    if addr.ss_family == AF_INET:
-        inet_ntop(AF_INET, &sin.sin_addr, text, sizeof(text))
-        return (text.decode("ascii"), ntohs(sin.sin_port))
-    if addr.ss_family == AF_INET6:
-        inet_ntop(AF_INET6, &sin6.sin6_addr, text, sizeof(text))
-        return (text.decode("ascii"), ntohs(sin6.sin6_port), ntohl(sin6.sin6_flowinfo),
-                sin6.sin6_scope_id)
-    return None
-
-
-cdef object _fill_sockaddr(sockaddr_storage* peer, socklen_t* length, family, ip, port):
-    """With the GIL: the sockaddr for (family, ip, port) in peer; None, or why it cannot be.
-
-    Runs per routed connection: a numeric address (what fastlb resolves
-    backends to at start-up) is parsed once, straight into ``peer``.
-    """
-    cdef sockaddr_in* sin = <sockaddr_in*>peer
-    cdef sockaddr_in6* sin6 = <sockaddr_in6*>peer
-    cdef int fam = family
-    host = ip.encode("ascii", "replace") if isinstance(ip, str) else bytes(ip)
-    memset(peer, 0, sizeof(sockaddr_storage))
-    if not _put_address(peer, fam, host):
-        # Not a plain numeric address (a scoped IPv6 "fe80::1%eth0", or a name
-        # that was never resolved): what socket.connect would do, once.
-        try:
-            infos = _socket.getaddrinfo(ip, port, fam, _socket.SOCK_STREAM)
-        except OSError as exc:
-            return "connect failed: %s" % (exc.strerror or exc)
-        fam, _, _, _, address = infos[0]
-        memset(peer, 0, sizeof(sockaddr_storage))
-        if not _put_address(peer, fam, address[0].split("%")[0].encode("ascii")):
-            return "connect failed: unsupported address %r" % (address,)
-        if fam == AF_INET6:
-            sin6.sin6_scope_id = address[3]
-    if fam == AF_INET:
-        sin.sin_port = htons(<unsigned short>port)
-        length[0] = sizeof(sockaddr_in)
-    else:
-        sin6.sin6_port = htons(<unsigned short>port)
-        length[0] = sizeof(sockaddr_in6)
-    return None
-
-
-cdef bint _put_address(sockaddr_storage* peer, int family, bytes host):
-    """Parse the numeric address ``host`` of ``family`` into peer; False if it is not one."""
-    if family == AF_INET and inet_pton(AF_INET, host, &(<sockaddr_in*>peer).sin_addr) == 1:
-        (<sockaddr_in*>peer).sin_family = AF_INET
-        return True
-    if family == AF_INET6 and inet_pton(AF_INET6, host, &(<sockaddr_in6*>peer).sin6_addr) == 1:
-        (<sockaddr_in6*>peer).sin6_family = AF_INET6
-        return True
-    return False
+include "engine/direction.pxi"
+include "engine/queue.pxi"
+include "engine/conn.pxi"
+include "engine/sockaddr.pxi"
 
 
 cdef class Engine:
@@ -591,19 +149,15 @@ cdef class Engine:
     # Loop state, touched only by the thread in run().
     cdef bint retry_parked
     cdef double now
-    cdef Conn* live
-    cdef Conn* dead
-    cdef Conn* fresh_head           # picked up from the hand-off, not yet set up
-    cdef Conn* fresh_tail
-    cdef Conn* parked_head
-    cdef Conn* parked_tail
-    cdef Py_ssize_t n_parked
-    cdef Conn* reports_head
-    cdef Conn* reports_tail
-    cdef Conn* routes_head          # waiting for the router (ST_ROUTING)
-    cdef Conn* routes_tail
-    cdef Conn* decided_head         # routed in this GIL section, to act on without it
-    cdef Conn* decided_tail
+    # Every Conn is on exactly one of fresh, live and dead, and maybe on
+    # parked, on routes or decided, and on reports (src/engine/queue.pxi).
+    cdef ConnQueue fresh            # picked up from the hand-off, not yet set up
+    cdef ConnQueue live             # set up and not closed, oldest first
+    cdef ConnQueue dead             # closed, to be freed at the end of the loop turn
+    cdef ConnQueue parked           # ST_PARKED, waiting for fresher figures
+    cdef ConnQueue routes           # waiting for the router (ST_ROUTING)
+    cdef ConnQueue decided          # routed in this GIL section, to act on without it
+    cdef ConnQueue reports          # waiting for router.finished
     cdef unsigned char* scratch
     cdef bint sigpipe_blocked
 
@@ -614,6 +168,13 @@ cdef class Engine:
         cdef int err
         self.epfd = -1
         self.wakefd = -1
+        queue_init(&self.fresh, LINK_LIFE)
+        queue_init(&self.live, LINK_LIFE)
+        queue_init(&self.dead, LINK_LIFE)
+        queue_init(&self.parked, LINK_PARKED)
+        queue_init(&self.routes, LINK_ROUTE)
+        queue_init(&self.decided, LINK_ROUTE)
+        queue_init(&self.reports, LINK_REPORT)
         self.router = router
         self.server_timeout = server_timeout
         self.idle_timeout = idle_timeout
@@ -755,7 +316,7 @@ cdef class Engine:
         self.now = monotonic()
         next_tick = self.now + C_TICK
         while True:
-            if self.stopping and self.live == NULL:
+            if self.stopping and self.live.head == NULL:
                 with gil:
                     done = self._finish_if_idle()
                 if done:
@@ -782,9 +343,9 @@ cdef class Engine:
             if self.now >= next_tick:
                 next_tick = self.now + C_TICK
                 self._check_deadlines()
-            if woken or self.reports_head != NULL or self.routes_head != NULL:
+            if woken or self.reports.head != NULL or self.routes.head != NULL:
                 self._settle(woken)
-            if self.dead != NULL:
+            if self.dead.head != NULL:
                 self._free_dead()
 
     cdef bint _finish_if_idle(self) noexcept:
@@ -807,7 +368,6 @@ cdef class Engine:
         """
         cdef eventfd_t value
         cdef Conn* c
-        cdef Conn* nxt
         if woken:
             eventfd_read(self.wakefd, &value)
         while True:
@@ -818,23 +378,20 @@ cdef class Engine:
                 if self.retry_parked:
                     self.retry_parked = False
                     self._requeue_parked()
-                if self.reports_head != NULL:
+                if self.reports.head != NULL:
                     self._report_all()
                 self._route_all()
-            c = self.fresh_head
-            self.fresh_head = self.fresh_tail = NULL
+            # Neither _accept nor _act puts a connection back on the queue it
+            # came from: these loops end.
+            c = queue_pop(&self.fresh)
             while c != NULL:
-                nxt = c.next
                 self._accept(c)
-                c = nxt
-            c = self.decided_head
-            self.decided_head = self.decided_tail = NULL
+                c = queue_pop(&self.fresh)
+            c = queue_pop(&self.decided)
             while c != NULL:
-                nxt = c.route_next
-                c.route_next = NULL
                 self._act(c)
-                c = nxt
-            if self.routes_head == NULL and self.reports_head == NULL:
+                c = queue_pop(&self.decided)
+            if self.routes.head == NULL and self.reports.head == NULL:
                 return 0
 
     cdef int _pop_incoming(self) except -1:
@@ -870,11 +427,7 @@ cdef class Engine:
             if ticket is not None:
                 Py_INCREF(ticket)
                 c.ticket = <PyObject*>ticket
-            if self.fresh_tail == NULL:
-                self.fresh_head = c
-            else:
-                self.fresh_tail.next = c
-            self.fresh_tail = c
+            queue_append(&self.fresh, c)
         return 0
 
     cdef void _accept(self, Conn* c) noexcept nogil:
@@ -882,11 +435,7 @@ cdef class Engine:
         c.state = ST_WAIT
         c.accepted = self.now
         c.deadline = self.now + self.client_timeout
-        c.prev = NULL
-        c.next = self.live
-        if self.live != NULL:
-            self.live.prev = c
-        self.live = c
+        queue_append(&self.live, c)
         if setsockopt(c.client, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0:
             self._close(c, END_CLIENT_ERROR)
             return
@@ -1032,29 +581,16 @@ cdef class Engine:
         c.state = ST_ROUTING
         c.route_failed = failed
         c.route_drop_ticket = drop_ticket
-        c.route_next = NULL
-        if self.routes_tail == NULL:
-            self.routes_head = c
-        else:
-            self.routes_tail.route_next = c
-        self.routes_tail = c
+        queue_append(&self.routes, c)
         return 0
 
     cdef int _route_all(self) except -1:
         """With the GIL: route every queued connection through the router onto the decided list."""
-        cdef Conn* c
-        while self.routes_head != NULL:
-            c = self.routes_head
-            self.routes_head = c.route_next
-            if self.routes_head == NULL:
-                self.routes_tail = NULL
-            c.route_next = NULL
+        cdef Conn* c = queue_pop(&self.routes)
+        while c != NULL:
             c.route = self._route(c, c.route_failed, c.route_drop_ticket)
-            if self.decided_tail == NULL:
-                self.decided_head = c
-            else:
-                self.decided_tail.route_next = c
-            self.decided_tail = c
+            queue_append(&self.decided, c)
+            c = queue_pop(&self.routes)
         return 0
 
     cdef int _act(self, Conn* c) except -1 nogil:
@@ -1176,55 +712,16 @@ cdef class Engine:
         return 0
 
     cdef void _park(self, Conn* c) noexcept nogil:
-        if c.parked:
-            return
-        c.parked = True
-        c.parked_next = NULL
-        if self.parked_tail == NULL:
-            self.parked_head = c
-        else:
-            self.parked_tail.parked_next = c
-        self.parked_tail = c
-        self.n_parked += 1
-
-    cdef Conn* _unpark_first(self) noexcept nogil:
-        cdef Conn* c = self.parked_head
-        if c == NULL:
-            return NULL
-        self.parked_head = c.parked_next
-        if self.parked_head == NULL:
-            self.parked_tail = NULL
-        c.parked_next = NULL
-        c.parked = False
-        self.n_parked -= 1
-        return c
-
-    cdef void _unpark_one(self, Conn* c) noexcept nogil:
-        """Take c off the parked list wherever it is (a closed or timed-out connection)."""
-        cdef Conn* p
-        if not c.parked:
-            return
-        if self.parked_head == c:
-            self._unpark_first()
-            return
-        p = self.parked_head
-        while p != NULL and p.parked_next != c:
-            p = p.parked_next
-        if p != NULL:
-            p.parked_next = c.parked_next
-            if self.parked_tail == c:
-                self.parked_tail = p
-            self.n_parked -= 1
-        c.parked_next = NULL
-        c.parked = False
+        if not queue_holds(&self.parked, c):
+            queue_append(&self.parked, c)
 
     cdef int _requeue_parked(self) except -1 nogil:
         """Queue every parked connection for the router again (its figures changed)."""
-        cdef Conn* c = self._unpark_first()
+        cdef Conn* c = queue_pop(&self.parked)
         while c != NULL:
             if c.state == ST_PARKED:
                 self._connect_next(c, FAILED_NOTHING, False)
-            c = self._unpark_first()
+            c = queue_pop(&self.parked)
         return 0
 
     cdef int _on_connected(self, Conn* c, unsigned int events) except -1 nogil:
@@ -1491,11 +988,11 @@ cdef class Engine:
     # -- timeouts --------------------------------------------------------------
 
     cdef int _check_deadlines(self) except -1 nogil:
-        cdef Conn* c = self.live
+        cdef Conn* c = self.live.head
         cdef Conn* nxt
         cdef double now = self.now
         while c != NULL:
-            nxt = c.next   # a handler may close c, never another connection
+            nxt = queue_next(&self.live, c)   # a handler may close c, never another connection
             if c.deadline <= now:
                 self._on_timeout(c)
             c = nxt
@@ -1505,7 +1002,7 @@ cdef class Engine:
         if c.state == ST_WAIT:
             self._close(c, END_BAD_PROXY_HEADER if c.header_len else END_CLIENT_TIMEOUT)
         elif c.state == ST_PARKED:
-            self._unpark_one(c)
+            queue_remove(&self.parked, c)
             return self._connect_next(c, FAILED_NOTHING, True)
         elif c.state == ST_CONNECTING:
             return self._connect_failed(c, FAILED_TIMEOUT)
@@ -1614,12 +1111,7 @@ cdef class Engine:
         c.report_end = end
         c.report_status = status
         c.report_duration = monotonic() - c.accepted
-        c.report_next = NULL
-        if self.reports_tail == NULL:
-            self.reports_head = c
-        else:
-            self.reports_tail.report_next = c
-        self.reports_tail = c
+        queue_append(&self.reports, c)
 
     cdef void _close(self, Conn* c, End end) noexcept nogil:
         """Close both sockets once and queue the report (unless already reported)."""
@@ -1640,27 +1132,19 @@ cdef class Engine:
                                c.answered if c.answered else (c.status if c.status > 0 else 0))
         elif c.answered:
             self._queue_report(c, END_NO_BACKEND, c.answered)
-        self._unpark_one(c)
+        # Off parked, and off routes or decided (only when run() ends early).
+        queue_remove(&self.parked, c)
+        queue_leave(c, LINK_ROUTE)
         c.state = ST_CLOSED
-        if c.prev != NULL:
-            c.prev.next = c.next
-        else:
-            self.live = c.next
-        if c.next != NULL:
-            c.next.prev = c.prev
-        c.prev = NULL
-        c.next = self.dead
-        self.dead = c
+        queue_remove(&self.live, c)
+        queue_append(&self.dead, c)
         self.n_closed += 1
 
     cdef int _report_all(self) except -1:
         """With the GIL: router.finished for every queued connection, then drop its references."""
-        cdef Conn* c
+        cdef Conn* c = queue_pop(&self.reports)
         error = None
-        while self.reports_head != NULL:
-            c = self.reports_head
-            self.reports_head = c.report_next
-            c.report_next = NULL
+        while c != NULL:
             try:
                 self.router.finished(_obj(c.token), _obj(c.addr), c.up.nbytes, c.down.nbytes,
                                      c.report_status, _END_NAMES[c.report_end], c.report_duration)
@@ -1674,16 +1158,14 @@ cdef class Engine:
             _clear(&c.addr)
             _clear(&c.ticket)
             _clear(&c.source)
-        self.reports_tail = NULL
+            c = queue_pop(&self.reports)
         if error is not None:
             raise error
         return 0
 
     cdef void _free_dead(self) noexcept nogil:
-        cdef Conn* c
-        while self.dead != NULL:
-            c = self.dead
-            self.dead = c.next
+        cdef Conn* c = queue_pop(&self.dead)
+        while c != NULL:
             if (c.token != NULL or c.tried != NULL or c.addr != NULL or c.ticket != NULL
                     or c.source != NULL):
                 with gil:   # never reported: cannot happen, but never leak either
@@ -1693,30 +1175,23 @@ cdef class Engine:
                     _clear(&c.ticket)
                     _clear(&c.source)
             free(c)
+            c = queue_pop(&self.dead)
 
     cdef void _shutdown(self) except *:
         """With the GIL, as run() returns: close every connection and descriptor left, reporting."""
         cdef Conn* c
         self.now = monotonic()
-        while self.live != NULL:
-            self._close(self.live, END_CLIENT_ERROR)
+        # Closing takes a connection off live, and off parked, routes or decided.
+        while self.live.head != NULL:
+            self._close(self.live.head, END_CLIENT_ERROR)
         # Picked up from the hand-off but not set up (the loop raised meanwhile).
-        while self.fresh_head != NULL:
-            c = self.fresh_head
-            self.fresh_head = c.next
-            c.next = NULL
+        c = queue_pop(&self.fresh)
+        while c != NULL:
             c.accepted = self.now
             c.state = ST_WAIT
-            c.prev = NULL
-            c.next = self.live
-            self.live = c
+            queue_append(&self.live, c)
             self._close(c, END_CLIENT_ERROR)
-        self.fresh_tail = NULL
-        # Connections waiting for the router or decided are live: closed above.
-        self.routes_head = self.routes_tail = NULL
-        self.decided_head = self.decided_tail = NULL
-        self.parked_head = self.parked_tail = NULL
-        self.n_parked = 0
+            c = queue_pop(&self.fresh)
         queued, self.incoming = self.incoming, []
         self.finished = True
         try:

@@ -7,8 +7,8 @@
 
 from libc.string cimport memchr, memcmp, memcpy, memset
 
-from libc_netinet cimport INET6_ADDRSTRLEN, inet_ntop, inet_pton, sockaddr_in, sockaddr_in6
-from libc_socket cimport AF_INET, AF_INET6, sockaddr_storage
+from includes.netinet cimport INET6_ADDRSTRLEN, inet_ntop, inet_pton, sockaddr_in, sockaddr_in6
+from includes.socket cimport AF_INET, AF_INET6, sockaddr_storage
 
 cdef enum:
     # The longest header accepted: HAProxy's default buffer size.  A v1 line

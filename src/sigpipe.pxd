@@ -7,9 +7,12 @@
 # unblock_sigpipe discards it, so splice reports a vanished peer exactly as
 # send(MSG_NOSIGNAL) does.
 
-from libc_signal cimport (SIG_BLOCK, SIG_UNBLOCK, SIGPIPE, pthread_sigmask, sigaddset,
-                          sigemptyset, sigismember, sigset_t, sigtimedwait)
-from libc_time cimport timespec
+from libc.signal cimport SIGPIPE
+from posix.signal cimport SIG_BLOCK, SIG_UNBLOCK, sigaddset, sigemptyset, sigismember
+from posix.time cimport timespec
+from posix.types cimport sigset_t
+
+from includes.signal cimport pthread_sigmask, sigtimedwait
 
 
 cdef inline bint block_sigpipe() noexcept nogil:

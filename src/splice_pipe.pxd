@@ -1,7 +1,9 @@
 # The pipe a direction splices through, shared by src/bridge.pyx and src/engine.pyx.
 
-from libc_fcntl cimport F_GETPIPE_SZ, F_SETPIPE_SZ, O_CLOEXEC, O_NONBLOCK, fcntl
-from libc_unistd cimport close, pipe2
+from posix.fcntl cimport O_CLOEXEC, O_NONBLOCK, fcntl
+from posix.unistd cimport close
+
+from includes.splice cimport F_GETPIPE_SZ, F_SETPIPE_SZ, pipe2
 
 cdef enum:
     # Pipe capacity asked for with F_SETPIPE_SZ: one splice moves up to this

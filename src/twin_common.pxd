@@ -1,7 +1,7 @@
 # The C-level definitions both compiled modules share (src/bridge.pyx and
 # src/engine.pyx); their Python-level counterparts are in fastlb/_twin_common.py.
 
-from libc_time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef enum SpliceMode:
     # Values as fastlb._twin_common.SPLICE_AUTO / _ALWAYS / _NEVER (splice_mode()).

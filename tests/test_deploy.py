@@ -216,8 +216,8 @@ def test_dockerignore_keeps_what_the_build_copies():
                 if line and not line.startswith("#")]
     assert patterns[0] == "*"
     kept = {p[1:] for p in patterns if p.startswith("!")}
-    assert {"pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "src/*.pyx", "src/*.pxd",
-            "fastlb/"} <= kept
+    assert {"pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "src/**/*.pyx",
+            "src/**/*.pxd", "src/**/*.pxi", "fastlb/"} <= kept
 
 
 def healthcheck_command(admin_port: int) -> list:

@@ -1,4 +1,4 @@
-# Declarations from <sys/socket.h> used by the compiled twins (src/*.pyx).
+# Declarations from <sys/socket.h> used by the compiled twins (src/*.pyx); Cython ships none.
 
 cdef extern from "sys/socket.h" nogil:
     enum:

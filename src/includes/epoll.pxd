@@ -1,5 +1,4 @@
 # Declarations from <sys/epoll.h> used by src/engine.pyx (Linux).
-
 from libc.stdint cimport uint32_t, uint64_t
 
 cdef extern from "sys/epoll.h" nogil:

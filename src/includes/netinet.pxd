@@ -5,7 +5,7 @@
 
 from libc.stdint cimport uint16_t, uint32_t
 
-from libc_socket cimport sa_family_t, socklen_t
+from includes.socket cimport sa_family_t, socklen_t
 
 cdef extern from "netinet/in.h" nogil:
     ctypedef uint16_t in_port_t

@@ -1,5 +1,4 @@
 # Declarations from <sys/eventfd.h> used by src/engine.pyx (Linux).
-
 from libc.stdint cimport uint64_t
 
 cdef extern from "sys/eventfd.h" nogil:

@@ -1,4 +1,4 @@
-# Declarations from <poll.h> used by the compiled twins (src/*.pyx).
+# Declarations from <poll.h> used by the compiled twins (src/*.pyx); Cython ships none.
 
 cdef extern from "poll.h" nogil:
     ctypedef unsigned long nfds_t
