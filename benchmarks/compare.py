@@ -288,7 +288,10 @@ def start_contender(name: str, port: int, ports: list, workdir: Path, threads: i
             [sys.executable, "-m", "fastlb", "-N", str(_threads_in(name, threads)), "--bind",
              "127.0.0.1", "--log-level", "warning", "--max-connections", str(max_connections()),
              str(port), *extra] + [str(p) for p in ports], env=env,
-            stderr=subprocess.DEVNULL)
+            # ``python -m`` puts the working directory first on sys.path,
+            # before PYTHONPATH: run in the tree, or this checkout's fastlb
+            # would be measured under another tree's name.
+            cwd=str(_fastlb_tree(name)), stderr=subprocess.DEVNULL)
     if base.startswith("haproxy"):
         conf = workdir / ("%s.cfg" % name)
         servers = "\n".join("    server b%d 127.0.0.1:%d check inter 2s" % (i, p) for i, p in enumerate(ports))
