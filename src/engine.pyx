@@ -1153,11 +1153,7 @@ cdef class Engine:
             except BaseException as exc:   # KeyboardInterrupt and the like end the loop
                 if error is None:
                     error = exc
-            _clear(&c.token)
-            _clear(&c.tried)
-            _clear(&c.addr)
-            _clear(&c.ticket)
-            _clear(&c.source)
+            _drop_refs(c)
             c = queue_pop(&self.reports)
         if error is not None:
             raise error
@@ -1166,14 +1162,9 @@ cdef class Engine:
     cdef void _free_dead(self) noexcept nogil:
         cdef Conn* c = queue_pop(&self.dead)
         while c != NULL:
-            if (c.token != NULL or c.tried != NULL or c.addr != NULL or c.ticket != NULL
-                    or c.source != NULL):
+            if _holds_refs(c):
                 with gil:   # never reported: cannot happen, but never leak either
-                    _clear(&c.token)
-                    _clear(&c.tried)
-                    _clear(&c.addr)
-                    _clear(&c.ticket)
-                    _clear(&c.source)
+                    _drop_refs(c)
             free(c)
             c = queue_pop(&self.dead)
 

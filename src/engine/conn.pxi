@@ -126,6 +126,20 @@ cdef inline void _clear(PyObject** slot) noexcept:
     Py_XDECREF(p)
 
 
+cdef inline bint _holds_refs(Conn* c) noexcept nogil:
+    return (c.token != NULL or c.tried != NULL or c.addr != NULL or c.ticket != NULL
+            or c.source != NULL)
+
+
+cdef inline void _drop_refs(Conn* c) noexcept:
+    """With the GIL: release every Python object c refers to."""
+    _clear(&c.token)
+    _clear(&c.tried)
+    _clear(&c.addr)
+    _clear(&c.ticket)
+    _clear(&c.source)
+
+
 cdef void _capture_status(Conn* c, const unsigned char* data, Py_ssize_t n) noexcept nogil:
     """Decide the first response's status from its first STATUS_PREFIX_LEN bytes (as the twin)."""
     cdef Py_ssize_t take = STATUS_PREFIX_LEN - c.head_len

@@ -32,13 +32,11 @@ cdef struct Link:
 cdef struct ConnQueue:
     Conn* head
     Conn* tail
-    Py_ssize_t length
     int link            # LINK_*: the link of Conn.links this queue uses
 
 
 cdef inline void queue_init(ConnQueue* q, int link) noexcept nogil:
     q.head = q.tail = NULL
-    q.length = 0
     q.link = link
 
 
@@ -62,7 +60,6 @@ cdef inline void queue_append(ConnQueue* q, Conn* c) noexcept nogil:
     else:
         q.tail.links[q.link].next = c
     q.tail = c
-    q.length += 1
 
 
 cdef inline void queue_remove(ConnQueue* q, Conn* c) noexcept nogil:
@@ -80,7 +77,6 @@ cdef inline void queue_remove(ConnQueue* q, Conn* c) noexcept nogil:
         link.next.links[q.link].prev = link.prev
     link.prev = link.next = NULL
     link.queue = NULL
-    q.length -= 1
 
 
 cdef inline Conn* queue_pop(ConnQueue* q) noexcept nogil:
