@@ -145,6 +145,18 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM one process we started, SIGKILL it if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class Backends:
     """``count`` backends (one nginx listening on that many ports) serving /100b, /64m and /healthcheck."""
 
@@ -186,11 +198,7 @@ class Backends:
 
     def stop(self) -> None:
         for proc in self.procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc, 10)
 
 
 NGINX_BACKENDS = """
@@ -400,12 +408,7 @@ def measure(name: str, scenario: str, args, backends: Backends, workdir: Path) -
         figures = run_wrk(port, scenario, args.duration)
         figures["cpu"] = cpu_seconds(pids) - before
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
     if SCENARIOS[scenario][4] == "MB/s":
         figures["cpu_per_unit"] = figures["cpu"] / ((figures["bytes"] or 1) / 1e9)
     else:

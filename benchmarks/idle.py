@@ -122,12 +122,7 @@ def main(argv=None) -> int:
                             for sock in clients:
                                 sock.close()
                     finally:
-                        proc.terminate()
-                        try:
-                            proc.wait(15)
-                        except subprocess.TimeoutExpired:
-                            proc.kill()
-                            proc.wait(5)
+                        compare.stop_process(proc)
                     results.setdefault(twin, []).append((quiet, busy))
                     print("round %d %-7s  no idle: p50 %.2f ms p99 %.2f ms max %.2f ms   "
                           "%d idle held: p50 %.2f ms p99 %.2f ms max %.2f ms"

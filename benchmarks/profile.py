@@ -135,11 +135,7 @@ def main(argv=None) -> int:
                 print("\n## strace -c -f: system calls\n")
                 print(strace_counts(proc.pid, port, args.scenario, args.duration))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            compare.stop_process(proc, 10)
             backends.stop()
     return 0
 

@@ -122,16 +122,7 @@ def alive(proc: subprocess.Popen) -> bool:
     return proc.poll() is None
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM one process we started, SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+stop = compare.stop_process
 
 
 def start_fastlb(twin: str, args: list, log: Path, prefix: tuple = ()) -> subprocess.Popen:

@@ -524,9 +524,7 @@ class Balancer:
         while len(batch) < self.max_connections:
             try:
                 fd, addr = listener._accept()  # type: ignore[attr-defined]  # the descriptor, not a socket
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:   # nothing left waiting (EAGAIN), or nothing more to be had
                 break
             os.set_blocking(fd, False)
             batch.append((fd, addr))
